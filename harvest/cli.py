@@ -1,0 +1,126 @@
+"""``python -m harvest``: run a harvest from a YAML config and/or flags; ``verify`` a store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import yaml
+
+from harvest.config import ConfigError, HarvestConfig, field_help, from_dict, harvest_config_from_file, to_dict
+
+FLAG_TARGETS = {  # flag → dotted config field it sets
+    "model": "model.path", "revision": "model.revision", "dtype": "model.dtype", "device": "model.device",
+    "hook": "hook", "out": "run", "context_length": "context_length", "store_dtype": "store_dtype",
+    "batch_tokens": "batch_tokens", "bos": "bos", "actors": "workers.actors",
+    "cpus_per_actor": "workers.cpus_per_actor", "gpus_per_actor": "workers.gpus_per_actor",
+    "torch_threads": "workers.torch_threads", "docs_per_shard": "corpus.docs_per_shard",
+    "max_documents": "corpus.max_documents", "text_field": "corpus.text_field", "dataset": "corpus.dataset",
+    "split": "corpus.split", "ray_address": "ray.address",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    helps = {name: text for name, _, text in field_help(HarvestConfig)}
+    parser = argparse.ArgumentParser(
+        prog="python -m harvest",
+        description="Harvest a model layer's activations over a corpus into a Parquet activation store.",
+        epilog="Subcommand: python -m harvest verify STORE_URL  (checks parts against commit records)")
+    parser.add_argument("--config", help="YAML pipeline config; its 'harvest:' section (flags override it)")
+    for flag, target in FLAG_TARGETS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
+    parser.add_argument("--layer", default=None,
+                        help="layer of the hook point (an integer or 'middle'); combines with --hook KIND")
+    parser.add_argument("--corpus", nargs="+", default=None,
+                        help="corpus files/folders/globs, or one Hugging Face datasets name")
+    parser.add_argument("--overwrite", action="store_true", default=None, help=helps["overwrite"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config field, e.g. --set corpus.invalid_utf8=fail (YAML value)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _assign(values: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        values = values.setdefault(parent, {})
+    values[leaf] = value
+
+
+def _is_file_spec(spec: str) -> bool:
+    return os.path.exists(spec) or "://" in spec or any(c in spec for c in "*?[") or \
+        spec.endswith((".txt", ".jsonl", ".parquet"))
+
+
+def resolve_config(args: argparse.Namespace) -> HarvestConfig:
+    values = to_dict(harvest_config_from_file(args.config)) if args.config else {}
+    for flag, target in FLAG_TARGETS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            _assign(values, target, yaml.safe_load(value) if flag not in ("model", "out", "dataset") else value)
+    if args.corpus:
+        if len(args.corpus) == 1 and not _is_file_spec(args.corpus[0]):
+            _assign(values, "corpus.dataset", args.corpus[0])
+            _assign(values, "corpus.paths", [])
+        else:
+            _assign(values, "corpus.paths", list(args.corpus))
+            _assign(values, "corpus.dataset", None)
+    if args.layer is not None:
+        kind = (values.get("hook") or HarvestConfig.hook).split(".")[0]
+        values["hook"] = f"{kind}.{args.layer}"
+    if args.overwrite:
+        values["overwrite"] = True
+    for assignment in args.set:
+        key, _, raw = assignment.partition("=")
+        if not _:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        _assign(values, key.strip(), yaml.safe_load(raw))
+    return from_dict(HarvestConfig, values, "harvest").validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from harvest.corpus import CorpusError
+    from harvest.hooks import HookError
+    from harvest.model import ModelError
+    from harvest.storage import StorageError
+    from harvest.store import StoreError
+
+    user_errors = (ConfigError, CorpusError, HookError, ModelError, StorageError, StoreError)
+    try:
+        if argv[:1] == ["verify"]:
+            return _verify(argv[1:])
+        args = build_parser().parse_args(argv)
+        config = resolve_config(args)
+        if args.print_config:
+            print(yaml.safe_dump({"harvest": to_dict(config)}, sort_keys=False))
+            return 0
+        from harvest.pool import format_summary, run_harvest
+
+        summary = run_harvest(config)
+        print(format_summary(summary))
+        return 0
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _verify(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harvest verify")
+    parser.add_argument("store", help="store URL, e.g. runs/demo/activations/resid_post.15")
+    parser.add_argument("--no-checksums", action="store_true", help="check sizes and row counts only")
+    parser.add_argument("--storage-options", default="{}", help="fsspec options as YAML/JSON")
+    args = parser.parse_args(argv)
+    from harvest.store import ActivationStore
+
+    store = ActivationStore(args.store, yaml.safe_load(args.storage_options))
+    report = store.verify(checksums=not args.no_checksums)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+__all__ = ["main", "build_parser", "resolve_config", "from_dict"]

@@ -1,0 +1,166 @@
+"""Typed configuration of the harvest stage, loaded from YAML and/or command-line flags.
+
+Each field's ``help`` metadata is the single description of a knob: it feeds ``--help`` and
+the README's configuration reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def knob(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("", "local folder or Hugging Face hub id of a transformers causal LM")
+    revision: str | None = knob(None, "hub revision (branch, tag or commit) when path is a hub id")
+    dtype: str = knob("float32", "dtype the model runs in: float32, bfloat16 or float16")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    trust_remote_code: bool = knob(False, "allow model code from the hub (off: safer)")
+
+
+@dataclass
+class CorpusConfig:
+    paths: list[str] = knob([], "corpus files, folders or globs (.txt, .jsonl, .parquet; any fsspec URL)")
+    dataset: str | None = knob(None, "a Hugging Face datasets name or saved-dataset folder, instead of paths")
+    dataset_config: str | None = knob(None, "datasets configuration name")
+    split: str = knob("train", "datasets split")
+    text_field: str = knob("text", "field/column holding the document text (.jsonl, .parquet, datasets)")
+    docs_per_shard: int = knob(64, "documents per shard: the unit of work, commit and resume")
+    max_documents: int | None = knob(None, "use only the first N documents of the corpus")
+    invalid_utf8: str = knob("skip", "a document that is not valid UTF-8: skip (counted, logged) or fail")
+
+
+@dataclass
+class WorkersConfig:
+    actors: int = knob(1, "harvest actors (each holds one model copy; one per GPU); 0 runs in-process without Ray")
+    cpus_per_actor: float = knob(1.0, "CPUs reserved per actor (fractions allowed)")
+    gpus_per_actor: float | None = knob(None, "GPUs per actor; default 1 when the cluster has GPUs, else 0")
+    torch_threads: int | None = knob(None, "torch intra-op threads per actor (default: max(1, cpus_per_actor))")
+    max_attempts: int = knob(3, "attempts per shard before the harvest gives up (actor deaths)")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
+    num_cpus: int | None = knob(None, "CPUs of the embedded local Ray (default: all cores)")
+
+
+@dataclass
+class HarvestConfig:
+    run: str = knob("./runs/demo", "run folder URL (local path, file://, s3://...)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hook: str = knob("resid_post.middle", "hook point: resid_post.L, resid_pre.L, mlp_out.L, attn_out.L (L may be 'middle')")
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    context_length: int = knob(1024, "tokens per context window; longer documents are split into windows")
+    bos: str = knob("auto", "prepend the tokenizer's BOS to every window: auto (if it has one), always, never")
+    store_dtype: str = knob("float16", "dtype of stored activations: float16 or bfloat16")
+    batch_tokens: int = knob(8192, "tokens per forward batch (windows are grouped by length to limit padding)")
+    row_group_mb: int = knob(64, "MiB of activations per Parquet row group")
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage_options: dict = knob({}, "fsspec options for the run URL, e.g. {endpoint_url: ...}; never credentials")
+    overwrite: bool = knob(False, "replace an existing store made with a different configuration")
+    progress_seconds: float = knob(5.0, "seconds between progress lines")
+
+    def validate(self) -> HarvestConfig:
+        if not self.model.path:
+            raise ConfigError("model.path is required (a local folder or hub id; --model)")
+        if not self.corpus.paths and not self.corpus.dataset:
+            raise ConfigError("corpus needs paths or a dataset (--corpus FILES_OR_DATASET)")
+        if self.corpus.paths and self.corpus.dataset:
+            raise ConfigError("corpus has both paths and dataset; give one")
+        checks = [
+            (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
+            (self.store_dtype in ("float16", "bfloat16"), "store_dtype", "float16 or bfloat16"),
+            (self.bos in ("auto", "always", "never"), "bos", "auto, always or never"),
+            (self.corpus.invalid_utf8 in ("skip", "fail"), "corpus.invalid_utf8", "skip or fail"),
+            (self.context_length >= 2, "context_length", "an integer >= 2"),
+            (self.batch_tokens >= self.context_length, "batch_tokens", f">= context_length ({self.context_length})"),
+            (self.corpus.docs_per_shard >= 1, "corpus.docs_per_shard", ">= 1"),
+            (self.workers.actors >= 0, "workers.actors", ">= 1 (or 0: run in this process without Ray)"),
+            (self.workers.max_attempts >= 1, "workers.max_attempts", ">= 1"),
+            (self.row_group_mb >= 1, "row_group_mb", ">= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {_get(self, name)!r} is invalid; expected {expected}")
+        return self
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def from_dict(cls: type, values: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys with the valid ones listed."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = from_dict(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def load_yaml(url: str) -> dict:
+    import fsspec
+
+    with fsspec.open(url, "r", encoding="utf-8") as handle:
+        document = yaml.safe_load(handle) or {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{url}: top level must be a mapping")
+    return document
+
+
+def harvest_config_from_file(url: str) -> HarvestConfig:
+    """Read the ``harvest:`` section of a pipeline config; ``run``/``storage_options`` are shared keys."""
+    document = load_yaml(url)
+    section = dict(document.get("harvest") or {})
+    for shared_key in ("run", "storage_options"):
+        if shared_key in document and shared_key not in section:
+            section[shared_key] = document[shared_key]
+    return from_dict(HarvestConfig, section, f"{url}: harvest")
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, default, help) of every knob, for --help and the README reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = f.default
+        if dataclasses.is_dataclass(default):
+            rows.extend(field_help(type(default), f"{prefix}{f.name}."))
+        else:
+            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,76 @@
+"""Loading the model and tokenizer a harvest runs, on the requested device and dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from harvest.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    config_hash: str
+    model_type: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {name!r} but CUDA is not available here")
+    return device
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything deeper or anchored is a folder on disk.
+    return path.startswith((".", "/", "~")) or path.count("/") >= 2 or os.path.exists(path)
+
+
+def config_hash(hf_config) -> str:
+    values = hf_config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        values.pop(volatile, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """The base model (no LM head) in eval mode, and its tokenizer."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = os.path.expanduser(config.path)
+    if _looks_local(config.path) and not os.path.exists(path):
+        raise ModelError(f"model path {config.path} does not exist")
+    device = resolve_device(config.device)
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    # Loading the base model from a causal-LM checkpoint reports the unused LM head as
+    # "unexpected"; that is by design here, so keep the load quiet unless it fails.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModel.from_pretrained(path, dtype=DTYPES[config.dtype], **common)
+    except OSError as error:
+        raise ModelError(f"cannot load model {config.path!r}: {error}") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, config_hash=config_hash(hf_config),
+                       model_type=getattr(hf_config, "model_type", type(model).__name__))

@@ -1,0 +1,362 @@
+"""The harvest driver: plan, manifest, a pool of Ray actors fed shards from a queue, summary.
+
+The driver is the only process that decides what to run; actors only process the shard they
+are handed and commit it. A shard is done exactly when its commit record exists, so a re-run
+(after a crash of anything) picks up the shards without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import yaml
+
+from harvest import storage
+from harvest.config import HarvestConfig, from_dict, to_dict
+from harvest.corpus import ShardPlan, plan_shards
+from harvest.hooks import parse_hook
+from harvest.progress import Progress, duration, human
+from harvest.store import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ActivationStore,
+    StoreMismatchError,
+    describe_differences,
+    identity,
+    merge_statistics,
+    store_url,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HarvestError(RuntimeError):
+    """The harvest could not finish; the message says which shard and why."""
+
+
+@dataclass
+class HarvestSummary:
+    store_url: str
+    shards_total: int
+    shards_skipped: int
+    shards_done: int
+    documents: int
+    tokens: int
+    bytes: int
+    bytes_per_element: float
+    seconds: float
+    tokens_per_second: float
+    orphans_removed: int
+    invalid_utf8_documents: int
+    empty_documents: int
+    actor_restarts: int
+
+
+# ---------------------------------------------------------------- the store's identity
+
+
+def describe_model(config: HarvestConfig) -> dict:
+    """What the manifest records about the model, read without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harvest.model import ModelError, config_hash
+
+    path = os.path.expanduser(config.model.path)
+    common = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError) as error:
+        if not os.path.exists(path) and ("/" in config.model.path or config.model.path.startswith(".")):
+            raise ModelError(f"model path {config.model.path} does not exist") from error
+        raise ModelError(f"cannot load model {config.model.path!r}: {error}") from error
+    from harvest.harvester import uses_bos
+
+    return {
+        "n_layers": int(hf_config.num_hidden_layers),
+        "d_model": int(hf_config.hidden_size),
+        "model": {"id": config.model.path, "revision": config.model.revision,
+                  "config_hash": config_hash(hf_config), "model_type": hf_config.model_type},
+        "tokenizer": {"id": config.model.path, "class": type(tokenizer).__name__,
+                      "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id},
+        "bos": uses_bos(config.bos, tokenizer),
+    }
+
+
+def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, plan: ShardPlan) -> dict:
+    corpus = to_dict(config.corpus)
+    corpus.pop("docs_per_shard")  # carried by the plan
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook_name,
+        "d_model": model_facts["d_model"], "dtype": config.store_dtype, "model": model_facts["model"],
+        "tokenizer": model_facts["tokenizer"], "context_length": config.context_length,
+        "bos": {"prepend": model_facts["bos"], "stored": False}, "corpus": corpus,
+        "plan_fingerprint": plan.fingerprint(), "plan": plan.to_dict(),
+        "created_at": time.time(), "complete": False, "statistics": None,
+    }
+
+
+def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
+    """Resolve the hook, plan the corpus, and create or check the store's manifest."""
+    model_facts = describe_model(config)
+    hook = parse_hook(config.hook, model_facts["n_layers"])
+    run_fs, run_path = storage.url_to_fs(config.run, config.storage_options)
+    storage.check_writable(run_fs, run_path, config.run)
+    url = store_url(config.run, hook.name)
+    fs, root = storage.url_to_fs(url, config.storage_options)
+    plan = plan_shards(config.corpus, config.storage_options)
+    wanted = build_manifest(config, model_facts, hook.name, plan)
+    manifest_path = storage.join(root, "manifest.json")
+    if storage.exists(fs, manifest_path):
+        existing = storage.read_json(fs, manifest_path)
+        if identity(existing) != identity(wanted):
+            differences = describe_differences(existing, wanted)
+            if not config.overwrite:
+                raise StoreMismatchError(
+                    f"a store made with a different configuration already exists at {url}: "
+                    + "; ".join(differences) + ". Re-run with --overwrite to replace it, or choose another --out.")
+            log.warning("replacing the store at %s (--overwrite): %s", url, "; ".join(differences))
+            fs.rm(root, recursive=True)
+            storage.write_json(fs, manifest_path, wanted)
+    else:
+        storage.write_json(fs, manifest_path, wanted)
+    return url, plan, wanted
+
+
+def remove_orphans(store: ActivationStore) -> int:
+    """Delete parts no commit names. Safe because this driver is the store's only writer now."""
+    orphans = store.orphans()
+    for name in orphans:
+        store.fs.rm(storage.join(store.root, "parts", name))
+    if orphans:
+        log.warning("removed %d orphaned part(s) left by interrupted attempts: %s", len(orphans), orphans[:5])
+    return len(orphans)
+
+
+def record_run_config(config: HarvestConfig) -> None:
+    """Keep run.yaml's ``harvest`` section equal to the configuration that produced the store."""
+    fs, run_path = storage.url_to_fs(config.run, config.storage_options)
+    path = storage.join(run_path, "run.yaml")
+    document = {}
+    if storage.exists(fs, path):
+        with fs.open(path, "rb") as handle:
+            document = yaml.safe_load(handle) or {}
+    section = to_dict(config)
+    section.pop("storage_options", None)  # may name endpoints; never credentials, but keep runs portable
+    document["harvest"] = section
+    storage.write_bytes(fs, path, yaml.safe_dump(document, sort_keys=False).encode())
+
+
+# ---------------------------------------------------------------- Ray actors
+
+
+class HarvestWorker:
+    """Ray actor body: one model copy, one shard at a time; ``progress`` answers concurrently."""
+
+    def __init__(self, config_values: dict, plan_values: dict, torch_threads: int):
+        import torch
+
+        from harvest.harvester import Harvester
+
+        torch.set_num_threads(torch_threads)
+        self.config = from_dict(HarvestConfig, config_values, "harvest")
+        self.plan = ShardPlan.from_dict(plan_values)
+        self.harvester = Harvester(self.config)
+
+    def process_shard(self, shard_index: int) -> dict:
+        return dataclasses.asdict(self.harvester.process_shard(self.plan, shard_index))
+
+    def progress(self) -> dict:
+        return {**self.harvester.progress, "pid": os.getpid()}
+
+
+def ensure_ray(config: HarvestConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
+def _resources(config: HarvestConfig) -> dict:
+    import ray
+
+    gpus = config.workers.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return {"num_cpus": config.workers.cpus_per_actor, "num_gpus": gpus}
+
+
+def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | None = None) -> HarvestSummary:
+    """Harvest every shard without a commit record; returns what was done."""
+
+    config.validate()
+    started = time.monotonic()
+    url, plan, manifest = prepare_store(config)
+    config = dataclasses.replace(config, hook=manifest["hook"])  # actors get the resolved layer
+    store = ActivationStore(url, config.storage_options)
+    orphans_removed = remove_orphans(store)
+    committed = {c.shard for c in store.commits(refresh=True)}
+    pending = [i for i in range(len(plan.shards)) if i not in committed]
+    log.info("store %s: %d shards planned, %d committed, %d to do", url, len(plan.shards), len(committed), len(pending))
+    restarts = tokens_done = 0
+    if pending and config.workers.actors == 0:
+        tokens_done = _run_inline(config, plan, pending)
+    elif pending:
+        ensure_ray(config)
+        restarts, tokens_done = _run_pool(config, plan, pending, on_progress)
+    summary = finish(config, url, plan, len(committed), started, orphans_removed, restarts, tokens_done)
+    record_run_config(config)
+    return summary
+
+
+def _run_inline(config: HarvestConfig, plan: ShardPlan, pending: list[int]) -> int:
+    """``workers.actors: 0``: every shard in this process, no Ray (debugging, profiling, tests)."""
+    from harvest.harvester import Harvester
+
+    harvester = Harvester(config)
+    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in pending)
+    progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
+    tokens = documents = 0
+    for shard in pending:
+        tokens += harvester.process_shard(plan, shard).rows
+        documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
+        progress.update(documents, tokens, final=shard == pending[-1])
+    return tokens
+
+
+def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
+              on_progress: Callable[[dict], None] | None) -> tuple[int, int]:
+    """Run ``pending`` shards on a pool of actors; returns (actor restarts, tokens harvested)."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    threads = config.workers.torch_threads or max(1, int(config.workers.cpus_per_actor))
+    actor_class = ray.remote(max_concurrency=2, max_restarts=0)(HarvestWorker)
+    options = _resources(config)
+    config_values, plan_values = to_dict(config), plan.to_dict()
+
+    def new_actor():
+        return actor_class.options(**options).remote(config_values, plan_values, threads)
+
+    queue = list(pending)
+    attempts = {i: 0 for i in pending}
+    actors = [new_actor() for _ in range(min(config.workers.actors, len(queue)))]
+    running: dict = {}  # future → (actor, shard)
+    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in pending)
+    progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
+    finished_tokens = finished_documents = 0
+    restarts = 0
+    idle = list(actors)
+    try:
+        while queue or running:
+            while queue and idle:
+                actor, shard = idle.pop(), queue.pop(0)
+                attempts[shard] += 1
+                running[actor.process_shard.remote(shard)] = (actor, shard)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for future in done:
+                actor, shard = running.pop(future)
+                try:
+                    record = ray.get(future)
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
+                    if attempts[shard] >= config.workers.max_attempts:
+                        raise HarvestError(f"shard {shard} failed {attempts[shard]} times (actor died: {error}); "
+                                           "giving up. Committed shards are kept; re-run to retry.") from error
+                    log.warning("actor working on shard %d died (%s); re-queueing it on a fresh actor",
+                                shard, type(error).__name__)
+                    with_suppressed_kill(actor)
+                    queue.insert(0, shard)
+                    idle.append(new_actor())
+                    restarts += 1
+                    continue
+                except RayTaskError as error:
+                    cause = error.cause if getattr(error, "cause", None) is not None else error
+                    raise cause from None
+                finished_tokens += record["rows"]
+                finished_documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
+                idle.append(actor)
+            snapshot = _snapshot(running, finished_tokens, finished_documents)
+            if on_progress is not None:
+                on_progress(snapshot)
+            progress.update(snapshot["documents"], snapshot["tokens"],
+                            f"shards running {len(running)}, queued {len(queue)}, actors {len(running) + len(idle)}")
+        progress.update(finished_documents, finished_tokens, final=True)
+    finally:
+        for actor in {*idle, *(a for a, _ in running.values())}:
+            with_suppressed_kill(actor)
+    return restarts, finished_tokens
+
+
+def _snapshot(running: dict, finished_tokens: int, finished_documents: int) -> dict:
+    """Totals so far: finished shards plus what running actors report for their current shard."""
+    import ray
+
+    tokens, documents, actors = finished_tokens, finished_documents, []
+    futures = {actor.progress.remote(): (actor, shard) for actor, shard in running.values()}
+    ready, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0.5) if futures else ([], [])
+    for future in ready:
+        try:
+            report = ray.get(future)
+        except Exception:  # a dying actor: its shard will be re-queued by the loop
+            continue
+        actors.append({**report, "shard": futures[future][1]})
+    for report in actors:
+        tokens += report["shard_tokens"]
+        documents += report["shard_documents"]
+    return {"tokens": tokens, "documents": documents, "actors": actors}
+
+
+def with_suppressed_kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+def finish(config: HarvestConfig, url: str, plan: ShardPlan, skipped: int, started: float,
+           orphans_removed: int, restarts: int, tokens_done: int) -> HarvestSummary:
+    """Merge commit statistics into the manifest once every shard is committed."""
+    store = ActivationStore(url, config.storage_options)
+    commits = store.commits(refresh=True)
+    if len(commits) != len(plan.shards):
+        missing = sorted(set(range(len(plan.shards))) - {c.shard for c in commits})
+        raise HarvestError(f"{len(missing)} shard(s) not committed: {missing[:10]}")
+    statistics = merge_statistics(commits)
+    manifest = {**store.manifest, "complete": True, "statistics": statistics}
+    storage.write_json(store.fs, storage.join(store.root, "manifest.json"), manifest)
+    seconds = time.monotonic() - started
+    total_bytes = statistics.get("bytes", 0)
+    rows = statistics["rows"]
+    return HarvestSummary(
+        store_url=url, shards_total=len(plan.shards), shards_skipped=skipped, shards_done=len(plan.shards) - skipped,
+        documents=statistics["documents"], tokens=rows, bytes=total_bytes,
+        bytes_per_element=total_bytes / (rows * store.d_model) if rows else 0.0, seconds=seconds,
+        tokens_per_second=tokens_done / seconds if seconds else 0.0, orphans_removed=orphans_removed,
+        invalid_utf8_documents=statistics.get("invalid_utf8_documents", 0),
+        empty_documents=statistics.get("empty_documents", 0), actor_restarts=restarts)
+
+
+def format_summary(summary: HarvestSummary) -> str:
+    return "\n".join([
+        f"harvest finished: {summary.store_url}",
+        f"  shards     {summary.shards_total} ({summary.shards_done} harvested now, {summary.shards_skipped} already committed)",
+        f"  documents  {summary.documents:,}  (empty skipped {summary.empty_documents}, invalid UTF-8 skipped "
+        f"{summary.invalid_utf8_documents})",
+        f"  tokens     {summary.tokens:,}  ({human(summary.tokens_per_second)} tok/s this run)",
+        f"  bytes      {summary.bytes:,}  ({summary.bytes_per_element:.3f} bytes per activation element)",
+        f"  time       {duration(summary.seconds)}  (actor restarts {summary.actor_restarts}, "
+        f"orphans removed {summary.orphans_removed})",
+    ])

@@ -1,0 +1,455 @@
+"""The activation store (DESIGN.md §4): Parquet parts, commit records and a manifest.
+
+Writers produce one part per shard, then its commit record; readers list commit records and never
+glob parts, so a half-written or orphaned part from a crashed attempt is invisible to them.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import xxhash
+
+from harvest import storage
+
+FORMAT_NAME = "lexica.activations"
+FORMAT_VERSION = 1
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Small columns compress to almost nothing; the activation column does not (zstd saves ~7% on
+# fp16 and halves read speed), so it is stored plain.
+COLUMN_COMPRESSION = {"doc_id": "zstd", "position": "zstd", "token_id": "zstd", "activation": "none"}
+MANIFEST_IDENTITY_KEYS = ("format", "format_version", "hook", "d_model", "dtype", "model", "tokenizer",
+                          "context_length", "bos", "corpus", "plan_fingerprint")
+
+
+class StoreError(ValueError):
+    """A store is missing, malformed, or a part does not match its commit record."""
+
+
+class StoreMismatchError(StoreError):
+    """A store exists but was made with a different model, hook or configuration."""
+
+
+class ActivationBatch(NamedTuple):
+    doc_id: torch.Tensor  # int64 [n]
+    position: torch.Tensor  # int32 [n]
+    token_id: torch.Tensor  # int32 [n]
+    activation: torch.Tensor  # float16/bfloat16 [n, d_model]
+
+
+def store_url(run_url: str, hook_name: str) -> str:
+    return storage.join(run_url, "activations", hook_name)
+
+
+def part_name(shard_index: int, attempt: str) -> str:
+    return f"shard-{shard_index:06d}-{attempt}.parquet"
+
+
+def commit_name(shard_index: int) -> str:
+    return f"shard-{shard_index:06d}.json"
+
+
+def arrow_schema(d_model: int, dtype_name: str, hook_name: str) -> pa.Schema:
+    return pa.schema(
+        [("doc_id", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32()),
+         ("activation", pa.binary(2 * d_model))],
+        metadata={"lexica.format": FORMAT_NAME, "lexica.format_version": str(FORMAT_VERSION),
+                  "lexica.dtype": dtype_name, "lexica.d_model": str(d_model), "lexica.hook": hook_name},
+    )
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_activations(activations: torch.Tensor) -> pa.FixedSizeBinaryArray:
+    """[n, d] fp16/bf16 CPU tensor → fixed_size_binary[2d] array sharing its memory."""
+    if activations.dtype not in (torch.float16, torch.bfloat16) or activations.device.type != "cpu":
+        raise TypeError(f"expected a CPU float16/bfloat16 tensor, got {activations.dtype} on {activations.device}")
+    contiguous = activations.contiguous()
+    raw = contiguous.view(torch.int16).numpy()
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * contiguous.shape[1]), contiguous.shape[0],
+                                                [None, pa.py_buffer(raw)])
+
+
+def _readonly_tensor(values: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # Arrow buffers are read-only; these tensors are only ever read, never written in place.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
+
+
+def decode_activations(column: pa.Array | pa.ChunkedArray, d_model: int, dtype: torch.dtype) -> torch.Tensor:
+    """fixed_size_binary[2d] → [n, d] tensor of ``dtype``, without per-row Python objects."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    tensors = []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise StoreError("activation column holds nulls")
+        width = chunk.type.byte_width
+        if width != 2 * d_model:
+            raise StoreError(f"activation column is {width} bytes per row; expected {2 * d_model} (d_model {d_model})")
+        values = np.frombuffer(chunk.buffers()[1], dtype=np.int16, count=len(chunk) * d_model,
+                               offset=chunk.offset * width)
+        tensors.append(_readonly_tensor(values).view(dtype).view(len(chunk), d_model))
+    if len(tensors) == 1:
+        return tensors[0]
+    if not tensors:
+        return torch.empty(0, d_model, dtype=dtype)
+    return torch.cat(tensors)
+
+
+def batch_from_table(table: pa.Table | pa.RecordBatch, d_model: int, dtype: torch.dtype) -> ActivationBatch:
+    def integers(name: str) -> torch.Tensor:
+        column = table.column(name)
+        array = column.to_numpy() if isinstance(column, pa.ChunkedArray) else column.to_numpy(zero_copy_only=False)
+        return _readonly_tensor(np.ascontiguousarray(array))
+
+    return ActivationBatch(integers("doc_id"), integers("position"), integers("token_id"),
+                           decode_activations(table.column("activation"), d_model, dtype))
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _HashingFile:
+    """Write-through file wrapper that checksums and counts the bytes of a part as it is written."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._hash = xxhash.xxh3_128()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self.size += view.nbytes
+        self._handle.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the owner closes the underlying handle (commit or discard)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    @property
+    def checksum(self) -> str:
+        return f"xxh3_128:{self._hash.hexdigest()}"
+
+
+@dataclass
+class ShardStatistics:
+    """Sums over a shard's stored vectors, merged across shards into the manifest."""
+
+    rows: int = 0
+    sum_norm: float = 0.0
+    sum_squared_norm: float = 0.0
+    sum_vector: list[float] | None = None
+
+    def add(self, activations: torch.Tensor) -> None:
+        values = activations.float()
+        norms = values.norm(dim=1)
+        self.rows += values.shape[0]
+        self.sum_norm += float(norms.sum(dtype=torch.float64))
+        self.sum_squared_norm += float(norms.square().sum(dtype=torch.float64))
+        vector = values.sum(dim=0, dtype=torch.float64)
+        self.sum_vector = vector.tolist() if self.sum_vector is None else (
+            (torch.tensor(self.sum_vector, dtype=torch.float64) + vector).tolist())
+
+
+@dataclass
+class CommitRecord:
+    shard: int
+    part: str
+    rows: int
+    documents: int
+    empty_documents: int
+    invalid_utf8_documents: list[str]
+    windows: int
+    bytes: int
+    checksum: str
+    doc_id_min: int
+    doc_id_max: int
+    statistics: dict
+    attempt: str
+    seconds: float
+    host: str = field(default_factory=socket.gethostname)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows
+
+
+def commit_from_dict(values: dict, where: str) -> CommitRecord:
+    try:
+        return CommitRecord(**values)
+    except TypeError as error:
+        raise StoreError(f"commit record {where} is malformed ({error})") from error
+
+
+class PartWriter:
+    """Writes one shard's part on a background thread, then its commit record.
+
+    ``put(table)`` hands a row group over and returns at once (back-pressure after two queued
+    groups), so the next batch computes while this one is written.
+    """
+
+    def __init__(self, store_url_: str, shard_index: int, schema: pa.Schema, storage_options: dict | None = None):
+        self.fs, self.root = storage.url_to_fs(store_url_, storage_options)
+        self.shard_index = shard_index
+        self.attempt = uuid.uuid4().hex[:12]
+        self.part = part_name(shard_index, self.attempt)
+        self.schema = schema
+        self.statistics = ShardStatistics()
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._rows = 0
+        self._context = storage.atomic_open(self.fs, storage.join(self.root, "parts", self.part))
+        self._handle = self._context.__enter__()
+        self._hashing = _HashingFile(self._handle)
+        self._thread = threading.Thread(target=self._drain, name=f"part-writer-{shard_index}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            writer = pq.ParquetWriter(self._hashing, self.schema, compression=COLUMN_COMPRESSION,
+                                      use_dictionary=["doc_id"], write_statistics=["doc_id", "position"],
+                                      store_schema=True)
+            while (table := self._queue.get()) is not None:
+                writer.write_table(table, row_group_size=table.num_rows)
+            writer.close()
+        except BaseException as error:  # surfaced to the producer on its next call
+            self._error = error
+            while self._queue.get() is not None:
+                pass
+
+    def put(self, table: pa.Table) -> None:
+        if self._error is not None:
+            raise self._error
+        self._rows += table.num_rows
+        self._queue.put(table)
+
+    def abort(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def commit(self, **details: Any) -> CommitRecord:
+        """Finish the part, make it visible, then write the commit record that makes it count."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self._context.__exit__(type(self._error), self._error, None)
+            raise self._error
+        self._context.__exit__(None, None, None)
+        record = CommitRecord(shard=self.shard_index, part=self.part, rows=self._rows, bytes=self._hashing.size,
+                              checksum=self._hashing.checksum, statistics=asdict(self.statistics),
+                              attempt=self.attempt, **details)
+        commit_path = storage.join(self.root, "commits", commit_name(self.shard_index))
+        if storage.exists(self.fs, commit_path):
+            # Another attempt committed this shard first; ours stays an invisible orphan.
+            return commit_from_dict(storage.read_json(self.fs, commit_path), commit_path)
+        storage.write_json(self.fs, commit_path, asdict(record))
+        return record
+
+
+# ---------------------------------------------------------------- reading
+
+
+def merge_statistics(commits: list[CommitRecord]) -> dict:
+    rows = sum(c.statistics["rows"] for c in commits)
+    if rows == 0:
+        return {"rows": 0, "tokens": 0, "documents": sum(c.documents for c in commits)}
+    vectors = [np.asarray(c.statistics["sum_vector"]) for c in commits if c.statistics["rows"]]
+    return {
+        "rows": rows,
+        "tokens": rows,
+        "documents": sum(c.documents for c in commits),
+        "empty_documents": sum(c.empty_documents for c in commits),
+        "invalid_utf8_documents": sum(len(c.invalid_utf8_documents) for c in commits),
+        "bytes": sum(c.bytes for c in commits),
+        "mean_norm": sum(c.statistics["sum_norm"] for c in commits) / rows,
+        "mean_squared_norm": sum(c.statistics["sum_squared_norm"] for c in commits) / rows,
+        "mean": (np.sum(vectors, axis=0) / rows).tolist(),
+    }
+
+
+class ActivationStore:
+    """Read access to a store: manifest checks, committed parts, torch batches, contexts, Ray Data."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, expect: dict | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.root = storage.url_to_fs(self.url, self.storage_options)
+        manifest_path = storage.join(self.root, "manifest.json")
+        if not storage.exists(self.fs, manifest_path):
+            raise StoreError(f"{self.url} is not an activation store (no manifest.json)")
+        self.manifest = storage.read_json(self.fs, manifest_path)
+        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{self.url}: manifest format {self.manifest.get('format')!r} "
+                             f"v{self.manifest.get('format_version')}; expected {FORMAT_NAME} v{FORMAT_VERSION}")
+        check_expectations(self.manifest, expect or {}, self.url)
+        self.d_model: int = self.manifest["d_model"]
+        self.dtype: torch.dtype = TORCH_DTYPES[self.manifest["dtype"]]
+        self.hook: str = self.manifest["hook"]
+        self._commits: list[CommitRecord] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def statistics(self) -> dict | None:
+        return self.manifest.get("statistics")
+
+    def commits(self, refresh: bool = False) -> list[CommitRecord]:
+        if self._commits is None or refresh:
+            folder = storage.join(self.root, "commits")
+            records = []
+            for name in storage.list_names(self.fs, folder):
+                if name.endswith(".json"):
+                    path = storage.join(folder, name)
+                    records.append(commit_from_dict(storage.read_json(self.fs, path), path))
+            self._commits = sorted(records, key=lambda record: record.shard)
+        return self._commits
+
+    def part_path(self, commit: CommitRecord) -> str:
+        return storage.join(self.root, "parts", commit.part)
+
+    def part_uris(self) -> list[str]:
+        return [storage.to_url(self.fs, self.part_path(c)) for c in self.commits() if c.rows]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(c.rows for c in self.commits())
+
+    def orphans(self) -> list[str]:
+        """Part files no commit record names: debris of crashed or losing attempts."""
+        named = {c.part for c in self.commits(refresh=True)}
+        return [n for n in storage.list_names(self.fs, storage.join(self.root, "parts")) if n not in named]
+
+    def _open_parquet(self, commit: CommitRecord) -> pq.ParquetFile:
+        path = self.part_path(commit)
+        try:
+            if storage.is_local(self.fs):
+                parquet = pq.ParquetFile(path, memory_map=True)
+            else:
+                parquet = pq.ParquetFile(self.fs.open(path, "rb"), pre_buffer=True)
+        except FileNotFoundError as error:
+            raise StoreError(f"part {commit.part} of committed shard {commit.shard} is missing from {self.url}") from error
+        except pa.ArrowInvalid as error:
+            raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} is corrupt ({error})") from error
+        if parquet.metadata.num_rows != commit.rows:
+            raise StoreError(f"part {commit.part} holds {parquet.metadata.num_rows} rows but its commit record "
+                             f"says {commit.rows}; the store at {self.url} is damaged")
+        return parquet
+
+    def read_part(self, commit: CommitRecord, columns: list[str] | None = None) -> pa.Table:
+        return self._open_parquet(commit).read(columns=columns)
+
+    def iter_batches(self, batch_rows: int = 65536, shards: list[int] | None = None) -> Iterator[ActivationBatch]:
+        """Committed rows in (shard, doc_id, position) order as torch batches of ``batch_rows``."""
+        wanted = None if shards is None else set(shards)
+        for commit in self.commits():
+            if commit.rows == 0 or (wanted is not None and commit.shard not in wanted):
+                continue
+            for record_batch in self._open_parquet(commit).iter_batches(batch_size=batch_rows):
+                yield batch_from_table(record_batch, self.d_model, self.dtype)
+
+    def context(self, doc_id: int, position: int, before: int = 16, after: int = 16) -> ActivationBatch:
+        """Rows of the same document from ``position - before`` to ``position + after``."""
+        for commit in self.commits():
+            if commit.rows and commit.doc_id_min <= doc_id <= commit.doc_id_max:
+                filters = [("doc_id", "=", doc_id), ("position", ">=", position - before),
+                           ("position", "<=", position + after)]
+                filesystem = None if storage.is_local(self.fs) else self.fs
+                table = pq.read_table(self.part_path(commit), filters=filters, filesystem=filesystem)
+                return batch_from_table(table, self.d_model, self.dtype)
+        raise StoreError(f"document {doc_id} is not in any committed shard of {self.url}")
+
+    def to_ray_dataset(self, **read_kwargs: Any):
+        """The committed parts as a ``ray.data`` dataset (activation column stays raw bytes)."""
+        import ray.data
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        paths = [self.part_path(c) for c in self.commits() if c.rows]
+        if not paths:
+            raise StoreError(f"{self.url} has no committed rows")
+        filesystem = None if storage.is_local(self.fs) else PyFileSystem(FSSpecHandler(self.fs))
+        return ray.data.read_parquet(paths, filesystem=filesystem, **read_kwargs)
+
+    def verify(self, checksums: bool = True) -> dict:
+        """Check every committed part against its record; list orphans. Raises on damage."""
+        problems = []
+        for commit in self.commits(refresh=True):
+            path = self.part_path(commit)
+            if not storage.exists(self.fs, path):
+                problems.append(f"shard {commit.shard}: part {commit.part} is missing")
+                continue
+            size = int(self.fs.size(path))
+            if size != commit.bytes:
+                problems.append(f"shard {commit.shard}: part {commit.part} is {size} bytes, commit says {commit.bytes}")
+                continue
+            if checksums:
+                digest = xxhash.xxh3_128()
+                with self.fs.open(path, "rb") as handle:
+                    while block := handle.read(16 << 20):
+                        digest.update(block)
+                if f"xxh3_128:{digest.hexdigest()}" != commit.checksum:
+                    problems.append(f"shard {commit.shard}: part {commit.part} checksum does not match its commit")
+        report = {"url": self.url, "shards_committed": len(self.commits()), "rows": self.num_rows,
+                  "orphans": self.orphans(), "problems": problems}
+        if problems:
+            raise StoreError(f"store {self.url} is damaged: " + "; ".join(problems))
+        return report
+
+
+def check_expectations(manifest: dict, expect: dict, url: str) -> None:
+    """Refuse a store whose manifest disagrees with what the caller needs, naming both sides."""
+    mismatches = []
+    for key, wanted in expect.items():
+        actual: Any = manifest
+        for part in key.split("."):
+            actual = actual.get(part) if isinstance(actual, dict) else None
+        if actual != wanted:
+            mismatches.append(f"{key}: store has {actual!r}, expected {wanted!r}")
+    if mismatches:
+        raise StoreMismatchError(f"store {url} does not match: " + "; ".join(mismatches))
+
+
+def identity(manifest: dict) -> dict:
+    return {key: manifest.get(key) for key in MANIFEST_IDENTITY_KEYS}
+
+
+def describe_differences(existing: dict, wanted: dict) -> list[str]:
+    differences = []
+    for key in MANIFEST_IDENTITY_KEYS:
+        if existing.get(key) != wanted.get(key):
+            differences.append(f"{key}: existing {json.dumps(existing.get(key), sort_keys=True)[:200]} "
+                               f"vs requested {json.dumps(wanted.get(key), sort_keys=True)[:200]}")
+    return differences
+
