@@ -10,7 +10,15 @@ import sys
 
 import yaml
 
-from harvest.config import ConfigError, HarvestConfig, field_help, from_dict, harvest_config_from_file, to_dict
+from harvest.config import (
+    ConfigError,
+    HarvestConfig,
+    field_help,
+    field_types,
+    from_dict,
+    harvest_config_from_file,
+    to_dict,
+)
 
 FLAG_TARGETS = {  # flag → dotted config field it sets
     "model": "model.path", "revision": "model.revision", "dtype": "model.dtype", "device": "model.device",
@@ -45,9 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _assign(values: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
-    for parent in parents:
+    for depth, parent in enumerate(parents):
         values = values.setdefault(parent, {})
+        if not isinstance(values, dict):
+            section = ".".join(parents[:depth + 1])
+            raise ConfigError(f"cannot set {dotted}: {section} is a value, not a section; "
+                              f"valid keys: {sorted(field_types(HarvestConfig))}")
     values[leaf] = value
+
+
+def _parse_value(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{where}: {text!r} is not a valid YAML value ({problem})") from error
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -57,10 +77,14 @@ def _is_file_spec(spec: str) -> bool:
 
 def resolve_config(args: argparse.Namespace) -> HarvestConfig:
     values = to_dict(harvest_config_from_file(args.config)) if args.config else {}
+    types = field_types(HarvestConfig)
     for flag, target in FLAG_TARGETS.items():
         value = getattr(args, flag)
         if value is not None:
-            _assign(values, target, yaml.safe_load(value) if flag not in ("model", "out", "dataset") else value)
+            # String knobs take the flag verbatim: YAML would turn a revision like 0123 into 83.
+            if not types[target].startswith("str"):
+                value = _parse_value(value, "--" + flag.replace("_", "-"))
+            _assign(values, target, value)
     if args.corpus:
         if len(args.corpus) == 1 and not _is_file_spec(args.corpus[0]):
             _assign(values, "corpus.dataset", args.corpus[0])
@@ -77,7 +101,7 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
         key, _, raw = assignment.partition("=")
         if not _:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-        _assign(values, key.strip(), yaml.safe_load(raw))
+        _assign(values, key.strip(), _parse_value(raw, f"--set {key.strip()}"))
     return from_dict(HarvestConfig, values, "harvest").validate()
 
 
@@ -105,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summary))
         return 0
     except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One line, whatever the message: libraries (transformers, fsspec) embed newlines.
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()),
+              file=sys.stderr)
         return 2
 
 

@@ -63,7 +63,8 @@ class RayConfig:
 class HarvestConfig:
     run: str = knob("./runs/demo", "run folder URL (local path, file://, s3://...)")
     model: ModelConfig = field(default_factory=ModelConfig)
-    hook: str = knob("resid_post.middle", "hook point: resid_post.L, resid_pre.L, mlp_out.L, attn_out.L (L may be 'middle')")
+    hook: str = knob("resid_post.middle",
+                     "hook point: resid_post.L, resid_pre.L, mlp_out.L, attn_out.L (L may be 'middle')")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     context_length: int = knob(1024, "tokens per context window; longer documents are split into windows")
     bos: str = knob("auto", "prepend the tokenizer's BOS to every window: auto (if it has one), always, never")
@@ -77,6 +78,8 @@ class HarvestConfig:
     progress_seconds: float = knob(5.0, "seconds between progress lines")
 
     def validate(self) -> HarvestConfig:
+        for name, annotation in field_types(HarvestConfig).items():
+            check_type(_get(self, name), annotation, name)
         if not self.model.path:
             raise ConfigError("model.path is required (a local folder or hub id; --model)")
         if not self.corpus.paths and not self.corpus.dataset:
@@ -123,8 +126,46 @@ def from_dict(cls: type, values: dict, where: str) -> Any:
         if dataclasses.is_dataclass(default):
             kwargs[name] = from_dict(type(default), value, f"{where}.{name}")
         else:
+            check_type(value, str(fields[name].type), f"{where}.{name}")
             kwargs[name] = value
     return cls(**kwargs)
+
+
+# Annotation → (accepted Python types, words for the error message). A wrong type caught here is
+# an error naming the key; caught nowhere it is a TypeError deep inside validate() or the harvest.
+_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "bool": ((bool,), "true or false"), "dict": ((dict,), "a mapping"), "None": ((type(None),), "null"),
+          "list[str]": ((list,), "a list of strings")}
+
+
+def check_type(value: Any, annotation: str, where: str) -> None:
+    """Refuse a value of the wrong type for a knob annotated ``annotation`` (e.g. ``int | None``)."""
+    options = [option.strip() for option in annotation.split("|")]
+    if any(option not in _TYPES for option in options):
+        return  # an annotation this checker does not know: trust the value
+    for option in options:
+        accepted, _ = _TYPES[option]
+        if isinstance(value, bool) and bool not in accepted:
+            continue  # bool is an int subclass, but `true` is no context length
+        if isinstance(value, accepted):
+            if option == "list[str]" and not all(isinstance(item, str) for item in value):
+                continue
+            return
+    expected = " or ".join(_TYPES[option][1] for option in options)
+    hint = " (quote it in YAML to keep it a string)" if "str" in options and isinstance(value, (int, float)) else ""
+    raise ConfigError(f"{where} = {value!r} is invalid; expected {expected}{hint}")
+
+
+def field_types(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted name → annotation of every knob, e.g. ``{"model.revision": "str | None", ...}``."""
+    types: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            types.update(field_types(type(default), f"{prefix}{f.name}."))
+        else:
+            types[prefix + f.name] = str(f.type)
+    return types
 
 
 def to_dict(config: Any) -> dict:
@@ -134,8 +175,13 @@ def to_dict(config: Any) -> dict:
 def load_yaml(url: str) -> dict:
     import fsspec
 
-    with fsspec.open(url, "r", encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
+    try:
+        with fsspec.open(url, "r", encoding="utf-8") as handle:
+            document = yaml.safe_load(handle) or {}
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {url} does not exist") from error
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {url} is not valid YAML: {error}") from error
     if not isinstance(document, dict):
         raise ConfigError(f"{url}: top level must be a mapping")
     return document

@@ -174,8 +174,7 @@ def _scan_jsonl(url: str, first_doc_id: int, per_shard: int, text_field: str,
     position = 0
     last_byte = b"\n"
     with fs.open(path, "rb") as handle:
-        first_line = handle.readline()
-        _check_jsonl_field(url, first_line, text_field)
+        _check_jsonl_field(url, handle, text_field)
         handle.seek(0)
         while block := handle.read(SCAN_BLOCK_BYTES):
             newline_ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1 + position
@@ -191,17 +190,29 @@ def _scan_jsonl(url: str, first_doc_id: int, per_shard: int, text_field: str,
     return rows, offsets
 
 
-def _check_jsonl_field(url: str, first_line: bytes, text_field: str) -> None:
-    if not first_line.strip():
+def _check_jsonl_field(url: str, handle, text_field: str, max_lines: int = 100) -> None:
+    """Fail at planning time, not hours into the harvest, when the text field is misnamed.
+
+    Checks the first line that holds a record: blank lines are empty documents and a line that is
+    not UTF-8 is for the corpus.invalid_utf8 policy to judge when the shard is read.
+    """
+    for line_number in range(1, max_lines + 1):
+        line = handle.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            continue
+        except json.JSONDecodeError as error:
+            raise CorpusError(f"corpus file {url} line {line_number} is not a JSON object ({error})") from error
+        if not isinstance(record, dict) or text_field not in record:
+            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise CorpusError(f"corpus file {url} line {line_number} has no {text_field!r} field "
+                              f"(fields: {fields}); set corpus.text_field")
         return
-    try:
-        record = json.loads(first_line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorpusError(f"corpus file {url} line 1 is not a JSON object ({error})") from error
-    if not isinstance(record, dict) or text_field not in record:
-        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise CorpusError(f"corpus file {url} line 1 has no {text_field!r} field (fields: {fields}); "
-                          "set corpus.text_field")
 
 
 def _parquet_rows(url: str, text_field: str, storage_options: dict | None) -> int:
@@ -255,8 +266,11 @@ def read_shard(plan: ShardPlan, shard_index: int, corpus: CorpusConfig,
         base_doc_id = int(source_first_doc[source_index])
         rows = _read_rows(source, first_row, end_row, byte_offset, corpus, storage_options)
         for row, raw in zip(range(first_row, end_row), rows, strict=True):
-            where = f"{source.uri} {'line' if source.format == 'jsonl' else 'row'} {row + 1}"
-            text = _as_text(raw, where, corpus.invalid_utf8, result)
+            if source.format == "txt":
+                where = f"corpus file {source.uri}"  # the whole file is one document
+            else:
+                where = f"corpus file {source.uri} {'line' if source.format == 'jsonl' else 'row'} {row + 1}"
+            text = _as_text(raw, where, corpus.invalid_utf8, result, whole_file=source.format == "txt")
             if text is None:
                 continue
             if not text.strip():
@@ -266,7 +280,8 @@ def read_shard(plan: ShardPlan, shard_index: int, corpus: CorpusConfig,
     return result
 
 
-def _as_text(raw: object, where: str, invalid_utf8: str, result: ShardDocuments) -> str | None:
+def _as_text(raw: object, where: str, invalid_utf8: str, result: ShardDocuments,
+             whole_file: bool = False) -> str | None:
     if raw is None:
         result.empty += 1
         return None
@@ -274,15 +289,31 @@ def _as_text(raw: object, where: str, invalid_utf8: str, result: ShardDocuments)
         try:
             return raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
-            if invalid_utf8 == "fail":
-                raise CorpusError(f"{where} is not valid UTF-8 ({error}); set corpus.invalid_utf8: skip "
-                                  "to skip such documents") from error
-            log.warning("skipping %s: not valid UTF-8 (%s)", where, error)
-            result.invalid_utf8.append(where)
-            return None
+            detail = f"byte 0x{raw[error.start:error.start + 1].hex()}"
+            if whole_file:  # a .txt document spans many lines: say which one holds the bad byte
+                line = raw.count(b"\n", 0, error.start) + 1
+                detail += f" at line {line}"
+            return _invalid_utf8(where, f"{detail}: {error.reason}", invalid_utf8, result, error)
     if not isinstance(raw, str):
         raise CorpusError(f"{where}: text field holds {type(raw).__name__}, expected a string")
+    try:
+        # JSON escapes such as "\ud800" (or surrogatepass decoding) give lone surrogates, which
+        # no UTF-8 tokenizer accepts: the same policy applies as to undecodable bytes.
+        raw.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return _invalid_utf8(where, f"lone surrogate {raw[error.start]!r} at character {error.start}",
+                             invalid_utf8, result, error)
     return raw
+
+
+def _invalid_utf8(where: str, detail: str, invalid_utf8: str, result: ShardDocuments,
+                  error: UnicodeError) -> None:
+    if invalid_utf8 == "fail":
+        raise CorpusError(f"{where} is not valid UTF-8 ({detail}); set corpus.invalid_utf8: skip "
+                          "to skip such documents") from error
+    log.warning("skipping %s: not valid UTF-8 (%s)", where, detail)
+    result.invalid_utf8.append(where)
+    return None
 
 
 def _read_rows(source: Source, first_row: int, end_row: int, byte_offset: int,

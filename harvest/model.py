@@ -62,11 +62,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     # "unexpected"; that is by design here, so keep the load quiet unless it fails.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         hf_config = AutoConfig.from_pretrained(path, **common)
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         model = AutoModel.from_pretrained(path, dtype=DTYPES[config.dtype], **common)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers reports a bad repo id or config as ValueError
         raise ModelError(f"cannot load model {config.path!r}: {error}") from error
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
+
+RATE_WINDOW_SECONDS = 30.0
 
 
 def human(number: float) -> str:
@@ -31,17 +34,25 @@ class Progress:
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self._last_print = 0.0
+        # Recent (time, units, tokens) samples: rates and ETA follow the current speed, not one
+        # diluted by start-up (cluster start, model load).
+        self._samples: deque = deque()
 
     def update(self, done_units: float, tokens: int, extra: str = "", final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self._last_print < self.interval:
             return
         self._last_print = now
-        elapsed = max(now - self.started, 1e-9)
-        rate = tokens / elapsed
+        elapsed = now - self.started
+        self._samples.append((now, done_units, tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] > RATE_WINDOW_SECONDS:
+            self._samples.popleft()
+        first_time, first_units, first_tokens = self._samples[0]
+        span = max(now - first_time, 1e-9)
+        rate = (tokens - first_tokens) / span if len(self._samples) > 1 else 0.0
+        unit_rate = (done_units - first_units) / span if len(self._samples) > 1 else 0.0
         remaining = self.total_units - done_units
-        eta = remaining * elapsed / done_units if done_units > 0 else float("nan")
-        eta_text = duration(eta) if eta == eta else "?"
+        eta_text = duration(remaining / unit_rate) if unit_rate > 0 else ("0m00s" if remaining <= 0 else "?")
         line = (f"[{self.label}] {self.unit} {human(done_units)}/{human(self.total_units)} "
                 f"tokens {human(tokens)}  {human(rate)} tok/s  elapsed {duration(elapsed)}  ETA {eta_text}")
         if extra:

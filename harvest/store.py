@@ -6,6 +6,7 @@ glob parts, so a half-written or orphaned part from a crashed attempt is invisib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import socket
@@ -282,16 +283,21 @@ class PartWriter:
 
 def merge_statistics(commits: list[CommitRecord]) -> dict:
     rows = sum(c.statistics["rows"] for c in commits)
-    if rows == 0:
-        return {"rows": 0, "tokens": 0, "documents": sum(c.documents for c in commits)}
-    vectors = [np.asarray(c.statistics["sum_vector"]) for c in commits if c.statistics["rows"]]
-    return {
+    counts = {
         "rows": rows,
         "tokens": rows,
         "documents": sum(c.documents for c in commits),
+        # Kept even when nothing was stored: "every document was skipped" is exactly when the
+        # user needs to see why.
         "empty_documents": sum(c.empty_documents for c in commits),
         "invalid_utf8_documents": sum(len(c.invalid_utf8_documents) for c in commits),
         "bytes": sum(c.bytes for c in commits),
+    }
+    if rows == 0:
+        return counts
+    vectors = [np.asarray(c.statistics["sum_vector"]) for c in commits if c.statistics["rows"]]
+    return {
+        **counts,
         "mean_norm": sum(c.statistics["sum_norm"] for c in commits) / rows,
         "mean_squared_norm": sum(c.statistics["sum_squared_norm"] for c in commits) / rows,
         "mean": (np.sum(vectors, axis=0) / rows).tolist(),
@@ -354,22 +360,40 @@ class ActivationStore:
 
     def _open_parquet(self, commit: CommitRecord) -> pq.ParquetFile:
         path = self.part_path(commit)
-        try:
+        with self._reading(commit):
             if storage.is_local(self.fs):
                 parquet = pq.ParquetFile(path, memory_map=True)
             else:
                 parquet = pq.ParquetFile(self.fs.open(path, "rb"), pre_buffer=True)
-        except FileNotFoundError as error:
-            raise StoreError(f"part {commit.part} of committed shard {commit.shard} is missing from {self.url}") from error
-        except pa.ArrowInvalid as error:
-            raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} is corrupt ({error})") from error
         if parquet.metadata.num_rows != commit.rows:
             raise StoreError(f"part {commit.part} holds {parquet.metadata.num_rows} rows but its commit record "
                              f"says {commit.rows}; the store at {self.url} is damaged")
         return parquet
 
+    @contextlib.contextmanager
+    def _reading(self, commit: CommitRecord) -> Iterator[None]:
+        """Turn Arrow's and the filesystem's errors about one part into a StoreError naming it."""
+        try:
+            yield
+        except FileNotFoundError as error:
+            raise StoreError(f"part {commit.part} of committed shard {commit.shard} is missing "
+                             f"from {self.url}") from error
+        except (pa.ArrowException, OSError) as error:
+            # Arrow's messages span lines (e.g. "...\nDeserializing page header failed.\n").
+            detail = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            if isinstance(error, pa.ArrowInvalid):
+                # A part truncated after its commit: "Parquet magic bytes not found in footer".
+                raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} is corrupt "
+                                 f"({detail}); `python -m harvest verify {self.url}` checks every part") from error
+            # Arrow reports a damaged page header and a failing disk or network alike as OSError.
+            raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} cannot be read ({detail}); "
+                             f"if storage is reachable the part is damaged: `python -m harvest verify {self.url}` "
+                             "checks every part") from error
+
     def read_part(self, commit: CommitRecord, columns: list[str] | None = None) -> pa.Table:
-        return self._open_parquet(commit).read(columns=columns)
+        parquet = self._open_parquet(commit)
+        with self._reading(commit):
+            return parquet.read(columns=columns)
 
     def iter_batches(self, batch_rows: int = 65536, shards: list[int] | None = None) -> Iterator[ActivationBatch]:
         """Committed rows in (shard, doc_id, position) order as torch batches of ``batch_rows``."""
@@ -377,7 +401,12 @@ class ActivationStore:
         for commit in self.commits():
             if commit.rows == 0 or (wanted is not None and commit.shard not in wanted):
                 continue
-            for record_batch in self._open_parquet(commit).iter_batches(batch_size=batch_rows):
+            record_batches = self._open_parquet(commit).iter_batches(batch_size=batch_rows)
+            while True:
+                with self._reading(commit):
+                    record_batch = next(record_batches, None)
+                if record_batch is None:
+                    break
                 yield batch_from_table(record_batch, self.d_model, self.dtype)
 
     def context(self, doc_id: int, position: int, before: int = 16, after: int = 16) -> ActivationBatch:
@@ -387,7 +416,8 @@ class ActivationStore:
                 filters = [("doc_id", "=", doc_id), ("position", ">=", position - before),
                            ("position", "<=", position + after)]
                 filesystem = None if storage.is_local(self.fs) else self.fs
-                table = pq.read_table(self.part_path(commit), filters=filters, filesystem=filesystem)
+                with self._reading(commit):
+                    table = pq.read_table(self.part_path(commit), filters=filters, filesystem=filesystem)
                 return batch_from_table(table, self.d_model, self.dtype)
         raise StoreError(f"document {doc_id} is not in any committed shard of {self.url}")
 
