@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from harvest.corpus import CorpusError
     from harvest.hooks import HookError
     from harvest.model import ModelError
+    from harvest.pool import HarvestError
     from harvest.storage import StorageError
     from harvest.store import StoreError
 
-    user_errors = (ConfigError, CorpusError, HookError, ModelError, StorageError, StoreError)
+    user_errors = (ConfigError, CorpusError, HookError, ModelError, StorageError, StoreError, HarvestError)
     try:
         if argv[:1] == ["verify"]:
             return _verify(argv[1:])
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever the message: libraries (transformers, fsspec) embed newlines.
         print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()),
               file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, HarvestError) else 2  # 1: the run failed; 2: bad input
 
 
 def _verify(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from harvest import packing
-from harvest.config import HarvestConfig
+from harvest.config import ConfigError, HarvestConfig
 from harvest.corpus import ShardPlan, read_shard
 from harvest.hooks import Capture, HookPoint, count_blocks, parse_hook, prune_after
 from harvest.model import LoadedModel, load_model
@@ -33,7 +33,7 @@ def uses_bos(policy: str, tokenizer) -> bool:
         return False
     if tokenizer.bos_token_id is None:
         if policy == "always":
-            raise ValueError("bos is 'always' but the tokenizer has no BOS token; use bos: never")
+            raise ConfigError("bos is 'always' but the tokenizer has no BOS token; use bos: auto or never")
         return False
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,29 +49,49 @@ def config_hash(hf_config) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """The base model (no LM head) in eval mode, and its tokenizer."""
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    path = os.path.expanduser(config.path)
-    if _looks_local(config.path) and not os.path.exists(path):
-        raise ModelError(f"model path {config.path} does not exist")
-    device = resolve_device(config.device)
-    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+@contextlib.contextmanager
+def _quiet_transformers():
     # Loading the base model from a causal-LM checkpoint reports the unused LM head as
-    # "unexpected"; that is by design here, so keep the load quiet unless it fails.
+    # "unexpected"; that is by design here, so keep loads quiet unless they fail.
+    import transformers
+
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        hf_config = AutoConfig.from_pretrained(path, **common)
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        model = AutoModel.from_pretrained(path, dtype=DTYPES[config.dtype], **common)
-    except (OSError, ValueError) as error:  # transformers reports a bad repo id or config as ValueError
-        raise ModelError(f"cannot load model {config.path!r}: {error}") from error
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def _load(config: ModelConfig, what):
+    path = os.path.expanduser(config.path)
+    if _looks_local(config.path) and not os.path.exists(path):
+        raise ModelError(f"model path {config.path} does not exist")
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    try:
+        with _quiet_transformers():
+            return what(path, common)
+    except (OSError, ValueError) as error:  # transformers reports a bad repo id or config as ValueError
+        hint = "" if os.path.exists(path) else " (not a local folder, nor a hub id that can be fetched or is cached)"
+        raise ModelError(f"cannot load model {config.path!r}{hint}: {error}") from error
+
+
+def load_config_and_tokenizer(config: ModelConfig):
+    """(transformers config, tokenizer): what describes a model, without loading weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return _load(config, lambda path, common: (AutoConfig.from_pretrained(path, **common),
+                                               AutoTokenizer.from_pretrained(path, **common)))
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """The base model (no LM head) in eval mode, and its tokenizer."""
+    from transformers import AutoModel
+
+    device = resolve_device(config.device)
+    hf_config, tokenizer = load_config_and_tokenizer(config)
+    model = _load(config, lambda path, common: AutoModel.from_pretrained(path, dtype=DTYPES[config.dtype], **common))
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, config_hash=config_hash(hf_config),

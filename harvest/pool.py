@@ -62,20 +62,10 @@ class HarvestSummary:
 
 def describe_model(config: HarvestConfig) -> dict:
     """What the manifest records about the model, read without loading any weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from harvest.model import ModelError, config_hash
-
-    path = os.path.expanduser(config.model.path)
-    common = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
-    try:
-        hf_config = AutoConfig.from_pretrained(path, **common)
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    except (OSError, ValueError) as error:
-        if not os.path.exists(path) and ("/" in config.model.path or config.model.path.startswith(".")):
-            raise ModelError(f"model path {config.model.path} does not exist") from error
-        raise ModelError(f"cannot load model {config.model.path!r}: {error}") from error
     from harvest.harvester import uses_bos
+    from harvest.model import config_hash, load_config_and_tokenizer
+
+    hf_config, tokenizer = load_config_and_tokenizer(config.model)
 
     return {
         "n_layers": int(hf_config.num_hidden_layers),
@@ -105,11 +95,11 @@ def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
     """Resolve the hook, plan the corpus, and create or check the store's manifest."""
     model_facts = describe_model(config)
     hook = parse_hook(config.hook, model_facts["n_layers"])
+    plan = plan_shards(config.corpus, config.storage_options)  # before anything is written
     run_fs, run_path = storage.url_to_fs(config.run, config.storage_options)
     storage.check_writable(run_fs, run_path, config.run)
     url = store_url(config.run, hook.name)
     fs, root = storage.url_to_fs(url, config.storage_options)
-    plan = plan_shards(config.corpus, config.storage_options)
     wanted = build_manifest(config, model_facts, hook.name, plan)
     manifest_path = storage.join(root, "manifest.json")
     if storage.exists(fs, manifest_path):
@@ -352,7 +342,8 @@ def finish(config: HarvestConfig, url: str, plan: ShardPlan, skipped: int, start
 def format_summary(summary: HarvestSummary) -> str:
     return "\n".join([
         f"harvest finished: {summary.store_url}",
-        f"  shards     {summary.shards_total} ({summary.shards_done} harvested now, {summary.shards_skipped} already committed)",
+        f"  shards     {summary.shards_total} ({summary.shards_done} harvested now, "
+        f"{summary.shards_skipped} already committed)",
         f"  documents  {summary.documents:,}  (empty skipped {summary.empty_documents}, invalid UTF-8 skipped "
         f"{summary.invalid_utf8_documents})",
         f"  tokens     {summary.tokens:,}  ({human(summary.tokens_per_second)} tok/s this run)",

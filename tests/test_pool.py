@@ -98,7 +98,7 @@ def test_killed_driver_then_rerun_gives_every_token_once(ray_cluster, tiny_model
             if os.path.isdir(commits) and len(os.listdir(commits)) >= 2:
                 break
             time.sleep(0.05)
-        assert process.poll() is None, "the driver finished before it could be killed: " + process.stderr.read().decode()
+        assert process.poll() is None, "the driver finished before it was killed: " + process.stderr.read().decode()
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost machine
         process.wait()
