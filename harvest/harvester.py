@@ -57,7 +57,8 @@ class Harvester:
         # Rows per Parquet row group: the configured MiB of activations.
         self.row_group_rows = max(1, (config.row_group_mb << 20) // (2 * self.d_model))
         # Read by the actor's progress() from another thread while a shard runs.
-        self.progress = {"shard": None, "shard_tokens": 0, "shard_documents": 0, "tokens": 0, "shards": 0}
+        self.progress = {"shard": None, "shard_tokens": 0, "shard_documents": 0, "shard_windows": 0,
+                         "shard_windows_done": 0, "tokens": 0, "shards": 0, "forward_seconds": 0.0}
 
     @property
     def store_url(self) -> str:
@@ -85,12 +86,14 @@ class Harvester:
 
     def process_shard(self, plan: ShardPlan, shard_index: int) -> CommitRecord:
         started = time.perf_counter()
-        self.progress.update(shard=shard_index, shard_tokens=0, shard_documents=0)
+        self.progress.update(shard=shard_index, shard_tokens=0, shard_documents=0, shard_windows=0,
+                             shard_windows_done=0)
         shard = read_shard(plan, shard_index, self.config.corpus, self.config.storage_options)
         doc_tokens = packing.tokenize(self.tokenizer, shard.documents)
         windows = packing.split_windows(doc_tokens, self.window_tokens)
         schema = arrow_schema(self.d_model, self.config.store_dtype, self.hook.name)
         writer = PartWriter(self.store_url, shard_index, schema, self.config.storage_options)
+        self.progress["shard_windows"] = len(windows)
         try:
             for chunk in packing.chunk_windows(windows, self.row_group_rows):
                 writer.put(self._chunk_table(chunk, writer))
@@ -115,11 +118,14 @@ class Harvester:
         for batch in packing.group_by_length(lengths.tolist(), self.config.batch_tokens):
             batch_windows = [chunk[i] for i in batch]
             destination = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in batch])
+            started = time.perf_counter()
             activations[torch.from_numpy(destination)] = self.activations(batch_windows)
+            self.progress["forward_seconds"] += time.perf_counter() - started
             batch_tokens = int(lengths[batch].sum())
             self.progress["tokens"] += batch_tokens
             self.progress["shard_tokens"] += batch_tokens
             self.progress["shard_documents"] += sum(1 for w in batch_windows if w.last)
+            self.progress["shard_windows_done"] += len(batch_windows)
         writer.statistics.add(activations)
         positions = np.concatenate([np.arange(w.start, w.start + len(w.token_ids), dtype=np.int32) for w in chunk])
         return pa.table(

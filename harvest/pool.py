@@ -276,11 +276,11 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
                 finished_tokens += record["rows"]
                 finished_documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
                 idle.append(actor)
-            snapshot = _snapshot(running, finished_tokens, finished_documents)
+            snapshot = _snapshot(running, plan, finished_tokens, finished_documents)
             if on_progress is not None:
                 on_progress(snapshot)
             progress.update(snapshot["documents"], snapshot["tokens"],
-                            f"shards running {len(running)}, queued {len(queue)}, actors {len(running) + len(idle)}")
+                            f"shards running {len(running)}, queued {len(queue)} | " + _describe_actors(snapshot))
         progress.update(finished_documents, finished_tokens, final=True)
     finally:
         for actor in {*idle, *(a for a, _ in running.values())}:
@@ -288,7 +288,7 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
     return restarts, finished_tokens
 
 
-def _snapshot(running: dict, finished_tokens: int, finished_documents: int) -> dict:
+def _snapshot(running: dict, plan: ShardPlan, finished_tokens: int, finished_documents: int) -> dict:
     """Totals so far: finished shards plus what running actors report for their current shard."""
     import ray
 
@@ -303,8 +303,21 @@ def _snapshot(running: dict, finished_tokens: int, finished_documents: int) -> d
         actors.append({**report, "shard": futures[future][1]})
     for report in actors:
         tokens += report["shard_tokens"]
-        documents += report["shard_documents"]
+        # Long documents finish late in a shard: count the shard's share of windows done instead.
+        if report["shard_windows"]:
+            first, end = plan.doc_range(report["shard"])
+            documents += (end - first) * report["shard_windows_done"] / report["shard_windows"]
     return {"tokens": tokens, "documents": documents, "actors": actors}
+
+
+def _describe_actors(snapshot: dict) -> str:
+    """Per actor: its shard, tokens so far in it, and its own forward-pass rate."""
+    parts = []
+    for report in sorted(snapshot["actors"], key=lambda r: r["pid"]):
+        rate = report["tokens"] / report["forward_seconds"] if report["forward_seconds"] else 0.0
+        parts.append(f"pid {report['pid']}: shard {report['shard']} {human(report['shard_tokens'])} tok "
+                     f"({human(rate)} tok/s)")
+    return "; ".join(parts) or "actors starting"
 
 
 def with_suppressed_kill(actor) -> None:
