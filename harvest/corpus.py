@@ -202,17 +202,8 @@ def _check_jsonl_field(url: str, handle, text_field: str, max_lines: int = 100) 
             return
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError:
-            continue
-        except json.JSONDecodeError as error:
-            raise CorpusError(f"corpus file {url} line {line_number} is not a JSON object ({error})") from error
-        if not isinstance(record, dict) or text_field not in record:
-            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise CorpusError(f"corpus file {url} line {line_number} has no {text_field!r} field "
-                              f"(fields: {fields}); set corpus.text_field")
-        return
+        if not isinstance(_jsonl_text(line, url, line_number, text_field), bytes):
+            return
 
 
 def _parquet_rows(url: str, text_field: str, storage_options: dict | None) -> int:
@@ -358,16 +349,21 @@ def _read_jsonl_rows(fs, path: str, uri: str, first_row: int, end_row: int, byte
             if not line.strip():
                 rows.append(None)
                 continue
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                rows.append(line)  # let the UTF-8 policy decide; json.loads rejected the bytes
-                continue
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"corpus file {uri} line {row + 1} is not valid JSON ({error})") from error
-            if not isinstance(record, dict) or text_field not in record:
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise CorpusError(f"corpus file {uri} line {row + 1} has no {text_field!r} field "
-                                  f"(fields: {fields}); set corpus.text_field")
-            rows.append(record[text_field])
+            rows.append(_jsonl_text(line, uri, row + 1, text_field))
     return rows
+
+
+def _jsonl_text(line: bytes, uri: str, line_number: int, text_field: str) -> object:
+    """The text field of one jsonl line, or the raw bytes when the line is not valid UTF-8
+    (the corpus.invalid_utf8 policy judges those)."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        return line
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"corpus file {uri} line {line_number} is not valid JSON ({error})") from error
+    if not isinstance(record, dict) or text_field not in record:
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f"corpus file {uri} line {line_number} has no {text_field!r} field "
+                          f"(fields: {fields}); set corpus.text_field")
+    return record[text_field]
