@@ -85,6 +85,14 @@ def load_config_and_tokenizer(config: ModelConfig):
                                                AutoTokenizer.from_pretrained(path, **common)))
 
 
+def model_skeleton(hf_config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree on the meta device: its structure, with no weights in memory."""
+    from transformers import AutoModel
+
+    with torch.device("meta"), _quiet_transformers():
+        return AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """The base model (no LM head) in eval mode, and its tokenizer."""
     from transformers import AutoModel

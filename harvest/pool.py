@@ -19,7 +19,8 @@ import yaml
 from harvest import storage
 from harvest.config import HarvestConfig, from_dict, to_dict
 from harvest.corpus import ShardPlan, plan_shards
-from harvest.hooks import parse_hook
+from harvest.hooks import hook_module, parse_hook
+from harvest.model import load_config_and_tokenizer, model_skeleton
 from harvest.progress import Progress, duration, human
 from harvest.store import (
     FORMAT_NAME,
@@ -60,12 +61,10 @@ class HarvestSummary:
 # ---------------------------------------------------------------- the store's identity
 
 
-def describe_model(config: HarvestConfig) -> dict:
-    """What the manifest records about the model, read without loading any weights."""
+def describe_model(config: HarvestConfig, hf_config, tokenizer) -> dict:
+    """What the manifest records about the model (from its config and tokenizer, no weights)."""
     from harvest.harvester import uses_bos
-    from harvest.model import config_hash, load_config_and_tokenizer
-
-    hf_config, tokenizer = load_config_and_tokenizer(config.model)
+    from harvest.model import config_hash
 
     return {
         "n_layers": int(hf_config.num_hidden_layers),
@@ -93,8 +92,11 @@ def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, pla
 
 def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
     """Resolve the hook, plan the corpus, and create or check the store's manifest."""
-    model_facts = describe_model(config)
+    hf_config, tokenizer = load_config_and_tokenizer(config.model)
+    model_facts = describe_model(config, hf_config, tokenizer)
     hook = parse_hook(config.hook, model_facts["n_layers"])
+    # An unresolvable hook (an architecture without the sub-module) fails here, not in every actor.
+    hook_module(model_skeleton(hf_config, config.model.trust_remote_code), hook)
     plan = plan_shards(config.corpus, config.storage_options)  # before anything is written
     run_fs, run_path = storage.url_to_fs(config.run, config.storage_options)
     storage.check_writable(run_fs, run_path, config.run)
@@ -232,7 +234,9 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
     threads = config.workers.torch_threads or max(1, int(config.workers.cpus_per_actor))
-    actor_class = ray.remote(max_concurrency=2, max_restarts=0)(HarvestWorker)
+    # Shards always run on one dedicated thread (one OpenMP team, warm caches); progress queries
+    # get their own thread so they answer while a shard computes.
+    actor_class = ray.remote(concurrency_groups={"compute": 1, "progress": 1}, max_restarts=0)(HarvestWorker)
     options = _resources(config)
     config_values, plan_values = to_dict(config), plan.to_dict()
 
@@ -253,13 +257,15 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
             while queue and idle:
                 actor, shard = idle.pop(), queue.pop(0)
                 attempts[shard] += 1
-                running[actor.process_shard.remote(shard)] = (actor, shard)
+                running[actor.process_shard.options(concurrency_group="compute").remote(shard)] = (actor, shard)
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for future in done:
                 actor, shard = running.pop(future)
                 try:
                     record = ray.get(future)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
+                    if getattr(error, "actor_init_failed", False):  # would fail the same way again
+                        raise HarvestError(f"a harvest actor failed to start: {_last_line(error)}") from error
                     if attempts[shard] >= config.workers.max_attempts:
                         raise HarvestError(f"shard {shard} failed {attempts[shard]} times (actor died: {error}); "
                                            "giving up. Committed shards are kept; re-run to retry.") from error
@@ -293,7 +299,8 @@ def _snapshot(running: dict, plan: ShardPlan, finished_tokens: int, finished_doc
     import ray
 
     tokens, documents, actors = finished_tokens, finished_documents, []
-    futures = {actor.progress.remote(): (actor, shard) for actor, shard in running.values()}
+    futures = {actor.progress.options(concurrency_group="progress").remote(): (actor, shard)
+               for actor, shard in running.values()}
     ready, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0.5) if futures else ([], [])
     for future in ready:
         try:
@@ -308,6 +315,12 @@ def _snapshot(running: dict, plan: ShardPlan, finished_tokens: int, finished_doc
             first, end = plan.doc_range(report["shard"])
             documents += (end - first) * report["shard_windows_done"] / report["shard_windows"]
     return {"tokens": tokens, "documents": documents, "actors": actors}
+
+
+def _last_line(error: BaseException) -> str:
+    """The exception line of a remote traceback, which Ray embeds in its own message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _describe_actors(snapshot: dict) -> str:

@@ -107,3 +107,19 @@ def test_killed_driver_then_rerun_gives_every_token_once(ray_cluster, tiny_model
     summary = run_harvest(config)
     assert summary.shards_skipped >= committed_before
     assert_exactly_once(store_table(summary.store_url), reference)
+
+
+def test_actor_that_cannot_start_stops_the_harvest_with_its_reason(ray_cluster, tiny_models, corpus, tmp_path):
+    import shutil
+
+    from harvest.pool import HarvestError
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")  # config and tokenizer still load
+    config = make_config(tmp_path, broken, corpus, "run", actors=2)
+    with pytest.raises(HarvestError, match="a harvest actor failed to start: .*(safetensors|header|Error)") as caught:
+        run_harvest(config)
+    assert "\n" not in str(caught.value)  # one line for people, not Ray's whole traceback
+    commits = os.path.join(config.run, "activations", "resid_post.1", "commits")
+    assert not os.path.isdir(commits) or not os.listdir(commits)
