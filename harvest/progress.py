@@ -49,7 +49,10 @@ class Progress:
             self._samples.popleft()
         first_time, first_units, first_tokens = self._samples[0]
         span = max(now - first_time, 1e-9)
-        rate = (tokens - first_tokens) / span if len(self._samples) > 1 else 0.0
+        if final or len(self._samples) < 2:  # the closing line reports the whole run's average
+            rate = tokens / max(elapsed, 1e-9)
+        else:
+            rate = (tokens - first_tokens) / span
         unit_rate = (done_units - first_units) / span if len(self._samples) > 1 else 0.0
         remaining = self.total_units - done_units
         eta_text = duration(remaining / unit_rate) if unit_rate > 0 else ("0m00s" if remaining <= 0 else "?")
