@@ -22,6 +22,7 @@ assets: setup
 
 demo: assets
 	$(PY) -m harvest --config examples/demo.yaml
+	$(PY) -m train --config examples/demo.yaml
 
 test: assets
 	$(PY) -m pytest -q

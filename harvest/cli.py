@@ -13,10 +13,12 @@ import yaml
 from harvest.config import (
     ConfigError,
     HarvestConfig,
+    assign_dotted,
     field_help,
     field_types,
     from_dict,
     harvest_config_from_file,
+    parse_yaml_value,
     to_dict,
 )
 
@@ -51,25 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _assign(values: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for depth, parent in enumerate(parents):
-        values = values.setdefault(parent, {})
-        if not isinstance(values, dict):
-            section = ".".join(parents[:depth + 1])
-            raise ConfigError(f"cannot set {dotted}: {section} is a value, not a section; "
-                              f"valid keys: {sorted(field_types(HarvestConfig))}")
-    values[leaf] = value
-
-
-def _parse_value(text: str, where: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or type(error).__name__
-        raise ConfigError(f"{where}: {text!r} is not a valid YAML value ({problem})") from error
-
-
 def _is_file_spec(spec: str) -> bool:
     return os.path.exists(spec) or "://" in spec or any(c in spec for c in "*?[") or \
         spec.endswith((".txt", ".jsonl", ".parquet"))
@@ -83,15 +66,15 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
         if value is not None:
             # String knobs take the flag verbatim: YAML would turn a revision like 0123 into 83.
             if not types[target].startswith("str"):
-                value = _parse_value(value, "--" + flag.replace("_", "-"))
-            _assign(values, target, value)
+                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
+            assign_dotted(HarvestConfig, values, target, value)
     if args.corpus:
         if len(args.corpus) == 1 and not _is_file_spec(args.corpus[0]):
-            _assign(values, "corpus.dataset", args.corpus[0])
-            _assign(values, "corpus.paths", [])
+            assign_dotted(HarvestConfig, values, "corpus.dataset", args.corpus[0])
+            assign_dotted(HarvestConfig, values, "corpus.paths", [])
         else:
-            _assign(values, "corpus.paths", list(args.corpus))
-            _assign(values, "corpus.dataset", None)
+            assign_dotted(HarvestConfig, values, "corpus.paths", list(args.corpus))
+            assign_dotted(HarvestConfig, values, "corpus.dataset", None)
     if args.layer is not None:
         kind = (values.get("hook") or HarvestConfig.hook).split(".")[0]
         values["hook"] = f"{kind}.{args.layer}"
@@ -101,7 +84,7 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
         key, _, raw = assignment.partition("=")
         if not _:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-        _assign(values, key.strip(), _parse_value(raw, f"--set {key.strip()}"))
+        assign_dotted(HarvestConfig, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
     return from_dict(HarvestConfig, values, "harvest").validate()
 
 

@@ -187,14 +187,39 @@ def load_yaml(url: str) -> dict:
     return document
 
 
-def harvest_config_from_file(url: str) -> HarvestConfig:
-    """Read the ``harvest:`` section of a pipeline config; ``run``/``storage_options`` are shared keys."""
+def stage_section(url: str, stage: str) -> dict:
+    """One stage's section of a pipeline config, with the shared ``run``/``storage_options`` keys."""
     document = load_yaml(url)
-    section = dict(document.get("harvest") or {})
+    section = dict(document.get(stage) or {})
     for shared_key in ("run", "storage_options"):
         if shared_key in document and shared_key not in section:
             section[shared_key] = document[shared_key]
-    return from_dict(HarvestConfig, section, f"{url}: harvest")
+    return section
+
+
+def harvest_config_from_file(url: str) -> HarvestConfig:
+    return from_dict(HarvestConfig, stage_section(url, "harvest"), f"{url}: harvest")
+
+
+def assign_dotted(cls: type, values: dict, dotted: str, value) -> None:
+    """Set ``values[a][b] = value`` for ``dotted`` = "a.b" (a --set / flag override)."""
+    *parents, leaf = dotted.split(".")
+    for depth, parent in enumerate(parents):
+        values = values.setdefault(parent, {})
+        if not isinstance(values, dict):
+            section = ".".join(parents[:depth + 1])
+            raise ConfigError(f"cannot set {dotted}: {section} is a value, not a section; "
+                              f"valid keys: {sorted(field_types(cls))}")
+    values[leaf] = value
+
+
+def parse_yaml_value(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{where}: {text!r} is not a valid YAML value ({problem})") from error
+
 
 
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from harvest.config import HarvestConfig, field_help
+from train.config import TrainConfig
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
 
 def test_readme_reference_lists_every_knob_with_its_help():
-    for name, _, help_text in field_help(HarvestConfig):
+    for name, _, help_text in field_help(HarvestConfig) + field_help(TrainConfig):
         assert f"| `{name}` |" in README, f"README's configuration reference lacks {name}"
         assert help_text in README, f"README's description of {name} differs from config.py"
 

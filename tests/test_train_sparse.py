@@ -1,0 +1,38 @@
+"""The sparse kernels give the same values and gradients as plain dense autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from train.sparse import select_with_sparse_grad, sparse_decode
+
+
+def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
+    torch.manual_seed(0)
+    batch, d_in, d_sae, k = 64, 16, 96, 5
+    x = torch.randn(batch, d_in, dtype=torch.float64)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    parameters = {name: torch.randn(*shape, dtype=torch.float64) for name, shape in shapes.items()}
+    target = torch.randn(batch, d_in, dtype=torch.float64)
+
+    def dense_loss(p):
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        values, indices = pre.topk(k, dim=1)
+        codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
+        return ((codes @ p["W_dec"] + p["b_dec"] - target) ** 2).sum()
+
+    def sparse_loss(p):
+        centered = x - p["b_dec"].detach()
+        with torch.no_grad():
+            values, indices = torch.addmm(p["b_enc"], centered, p["W_enc"]).topk(k, dim=1)
+        values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, indices)
+        return ((sparse_decode(indices, values.relu(), p["W_dec"]) + p["b_dec"] - target) ** 2).sum()
+
+    dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    dense_value, sparse_value = dense_loss(dense), sparse_loss(sparse)
+    dense_value.backward()
+    sparse_value.backward()
+    torch.testing.assert_close(sparse_value, dense_value)
+    for name in parameters:
+        torch.testing.assert_close(sparse[name].grad, dense[name].grad, msg=name)

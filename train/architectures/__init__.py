@@ -1,0 +1,50 @@
+"""Dictionary architectures as plugins: one file each, registered by name, one small interface.
+
+Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, ``b_enc``,
+``W_dec [d_sae, d_in]``, ``b_dec`` and implements:
+
+- ``encode(x) -> SparseCode``: inference codes as (values, indices) of the active latents;
+- ``decode(code) -> Tensor``: reconstruction;
+- ``training_loss(x, dead_mask, step) -> TrainOutput``: the loss to minimise and its terms;
+- ``after_step()``: constraints applied after the optimiser step (e.g. unit-norm decoder);
+- ``export_config() -> dict``: the architecture's SAELens ``cfg.json`` fields.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ARCHITECTURES: dict[str, type] = {}
+
+
+def register(name: str):
+    def decorate(cls: type) -> type:
+        ARCHITECTURES[name] = cls
+        cls.architecture = name
+        return cls
+
+    return decorate
+
+
+class SparseCode(NamedTuple):
+    values: torch.Tensor  # [batch, k] activations of the chosen latents (zeros allowed)
+    indices: torch.Tensor  # [batch, k] latent ids
+
+
+class TrainOutput(NamedTuple):
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    code: SparseCode
+    fvu: torch.Tensor
+    terms: dict  # named loss terms, detached floats for metrics
+
+
+def build(name: str, **kwargs) -> torch.nn.Module:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; available: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name](**kwargs)
+
+
+from train.architectures import topk  # noqa: E402,F401  (registers itself)

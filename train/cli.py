@@ -1,0 +1,80 @@
+"""``python -m train``: fit a sparse dictionary on an activation store (config file and/or flags)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from harvest import storage
+from harvest.config import ConfigError, assign_dotted, field_help, from_dict, parse_yaml_value, stage_section
+from train.config import TrainConfig
+
+FLAGS = {"store": "store", "hook": "hook", "out": "run", "name": "name", "arch": "architecture", "width": "width",
+         "k": "k", "batch_size": "batch_size", "tokens": "tokens", "lr": "lr", "seed": "seed", "device": "device"}
+STRING_KNOBS = {"store", "hook", "run", "name", "architecture", "width", "device"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    helps = {name: text for name, _, text in field_help(TrainConfig)}
+    parser = argparse.ArgumentParser(prog="python -m train",
+                                     description="Fit a sparse dictionary on an activation store.")
+    parser.add_argument("--config", help="YAML pipeline config; its 'train:' section (flags override it)")
+    for flag, target in FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any train knob")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    values = stage_section(args.config, "train") if args.config else {}
+    for flag, target in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if target not in STRING_KNOBS:
+                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
+            assign_dotted(TrainConfig, values, target, value)
+    for assignment in args.set:
+        key, separator, raw = assignment.partition("=")
+        if not separator:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        assign_dotted(TrainConfig, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
+    config = from_dict(TrainConfig, values, "train")
+    if not config.store and not config.hook:
+        config.hook = harvested_hook(config)
+    return config
+
+
+def harvested_hook(config: TrainConfig) -> str:
+    """The hook the run's harvest used (run.yaml records it, with 'middle' resolved)."""
+    import yaml
+
+    fs, run_path = storage.url_to_fs(config.run, config.storage_options)
+    path = storage.join(run_path, "run.yaml")
+    if not storage.exists(fs, path):
+        raise ConfigError(f"{config.run} has no run.yaml; give --store or --hook")
+    with fs.open(path, "rb") as handle:
+        hook = ((yaml.safe_load(handle) or {}).get("harvest") or {}).get("hook")
+    if not hook:
+        raise ConfigError(f"{config.run}/run.yaml records no harvest hook; give --store or --hook")
+    return hook
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from harvest.storage import StorageError
+    from harvest.store import StoreError
+
+    try:
+        config = resolve_config(build_parser().parse_args(argv))
+        from train.loop import fit
+
+        summary = fit(config)
+    except (ConfigError, StoreError, StorageError, ValueError) as error:
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    final = summary["final"]
+    print(f"dictionary {summary['name']}: {summary['steps']} steps, FVU {final.get('fvu', float('nan')):.4f}, "
+          f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', 0):.2%}\n"
+          f"  exported (SAELens layout): {summary['folder']}/final")
+    return 0

@@ -1,0 +1,52 @@
+"""Typed configuration of the train stage (the ``train:`` section of a pipeline config, or flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harvest.config import ConfigError, knob
+
+
+@dataclass
+class TrainConfig:
+    run: str = knob("./runs/demo", "run folder URL; the dictionary goes to <run>/dictionaries/<name>/")
+    store: str | None = knob(None, "activation store URL (default: <run>/activations/<hook>)")
+    hook: str | None = knob(None, "hook whose store to train on when store is not given, e.g. resid_post.15")
+    name: str | None = knob(None, "dictionary name (default: <architecture>-<hook>-<width>-k<k>)")
+    architecture: str = knob("topk", "dictionary architecture (plugins in train/architectures/)")
+    width: str = knob("16x", "latents: a multiple of d_model ('16x') or an absolute count ('4096')")
+    k: int = knob(32, "active latents per token (TopK)")
+    batch_size: int = knob(4096, "tokens per optimiser step")
+    tokens: int | None = knob(None, "training tokens (default: one pass over the store)")
+    lr: float | None = knob(None, "peak learning rate (default 2e-4 / sqrt(latents / 2^14), Gao et al.)")
+    lr_warmup_steps: int = knob(100, "linear learning-rate warm-up steps (at most a tenth of the run)")
+    lr_decay_fraction: float = knob(0.2, "fraction of training at the end with linear decay to zero")
+    seed: int = knob(0, "seed of initialisation and data order")
+    buffer_rows: int = knob(262144, "tokens per shuffle block (token-level shuffling buffer)")
+    dead_tokens: int | None = knob(None, "a latent is dead after this many tokens without firing (default "
+                                         "min(10M, tokens/4))")
+    aux_coefficient: float = knob(1 / 32, "weight of the AuxK loss for dead latents")
+    log_every: int = knob(50, "steps between metric lines")
+    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+    extra: dict = field(default_factory=dict, metadata={"help": "architecture-specific options"})
+
+    def latents(self, d_model: int) -> int:
+        text = str(self.width).strip()
+        try:
+            count = round(float(text[:-1]) * d_model) if text.endswith("x") else int(text)
+        except ValueError as error:
+            raise ConfigError(f"width {self.width!r} is invalid; expected e.g. '16x' or '4096'") from error
+        if count < 1:
+            raise ConfigError(f"width {self.width!r} gives {count} latents; expected at least 1")
+        return count
+
+    def validate(self, d_model: int) -> TrainConfig:
+        latents = self.latents(d_model)
+        if not 1 <= self.k <= latents:
+            raise ConfigError(f"k = {self.k} is out of range for {latents} latents; expected 1..{latents}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size = {self.batch_size} is invalid; expected >= 1")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError(f"lr_decay_fraction = {self.lr_decay_fraction} is invalid; expected 0..1")
+        return self

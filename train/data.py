@@ -1,0 +1,74 @@
+"""Training batches from an activation store: streamed, shuffled at token level, normalised.
+
+The order is a pure function of the seed: each epoch visits the committed parts in a seeded
+permutation, cuts the row stream into blocks of ``buffer_rows`` and permutes every block with its
+own seeded generator. So a run is reproducible, and a resumed run can replay to its position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from harvest.store import ActivationStore, StoreError
+
+
+def normalisation_scale(store: ActivationStore) -> float:
+    """Scalar s with E‖s·x‖ = √d_model, from the store's statistics (DESIGN.md §6)."""
+    statistics = store.statistics
+    if not store.complete or not statistics or not statistics.get("mean_norm"):
+        raise StoreError(f"store {store.url} is not complete (no merged statistics); finish the harvest first")
+    return math.sqrt(store.d_model) / statistics["mean_norm"]
+
+
+def _row_stream(store: ActivationStore, epoch: int, seed: int, read_rows: int) -> Iterator[torch.Tensor]:
+    commits = [commit for commit in store.commits() if commit.rows]
+    if not commits:
+        raise StoreError(f"store {store.url} has no committed rows to train on")
+    order = torch.randperm(len(commits), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    for index in order.tolist():
+        commit = commits[index]
+        for batch in store.iter_batches(batch_rows=read_rows, shards=[commit.shard]):
+            if not torch.isfinite(batch.activation).all():
+                raise StoreError(f"shard {commit.shard} (part {commit.part}) of {store.url} holds NaN or infinite "
+                                 "activations; re-harvest it (delete its commit record and re-run the harvest)")
+            yield batch.activation
+
+
+def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int, scale: float,
+                     device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Endless float32 batches [batch_size, d_model] of normalised activations."""
+    epoch = 0
+    carry = torch.empty(0, store.d_model, dtype=store.dtype)
+    while True:
+        block_index = 0
+        pending: list[torch.Tensor] = []
+        pending_rows = 0
+        for rows in _row_stream(store, epoch, seed, read_rows=min(buffer_rows, 1 << 16)):
+            pending.append(rows)
+            pending_rows += len(rows)
+            if pending_rows >= buffer_rows:
+                yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
+                                       carry_out := [carry])
+                carry = carry_out[0]
+                pending, pending_rows = [], 0
+                block_index += 1
+        if pending:
+            yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
+                                   carry_out := [carry])
+            carry = carry_out[0]
+        epoch += 1
+
+
+def _emit_block(pending: list[torch.Tensor], seed: int, epoch: int, block_index: int, batch_size: int, scale: float,
+                device, carry: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Permute one block (plus the rows left over from the previous one) and cut it into batches."""
+    block = torch.cat([carry[0], *pending])
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + block_index)
+    block = block[torch.randperm(len(block), generator=generator)]
+    full = len(block) // batch_size * batch_size
+    for start in range(0, full, batch_size):
+        yield block[start:start + batch_size].to(device=device, dtype=torch.float32) * scale
+    carry[0] = block[full:]

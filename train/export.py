@@ -1,0 +1,48 @@
+"""Export in SAELens' v6 on-disk layout, with input normalisation folded into the weights, and
+loading back (safetensors only: never unpickle a dictionary)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load, save
+
+from harvest import storage
+from train.architectures import build
+
+
+def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
+    """Weights that take raw activations: SAE_raw(x) = SAE(scale·x) / scale.
+
+    Encoding (x·s − b_dec)·W_enc + b_enc equals (x − b_dec/s)·(s·W_enc) + b_enc, and decoding
+    divides by s, so W_enc is multiplied and W_dec and b_dec are divided by s.
+    """
+    with torch.no_grad():
+        return {"W_enc": (dictionary.W_enc * scale).contiguous(), "b_enc": dictionary.b_enc.clone(),
+                "W_dec": (dictionary.W_dec / scale).contiguous(), "b_dec": (dictionary.b_dec / scale).contiguous()}
+
+
+def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str, metadata: dict,
+                      storage_options: dict | None = None) -> str:
+    fs, folder = storage.url_to_fs(folder_url, storage_options)
+    weights = {name: tensor.detach().float().cpu() for name, tensor in folded_weights(dictionary, scale).items()}
+    config = {
+        "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        **dictionary.export_config(),
+        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale},
+    }
+    storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
+    storage.write_json(fs, storage.join(folder, "cfg.json"), config)
+    return folder_url
+
+
+def load_dictionary(folder_url: str, storage_options: dict | None = None) -> torch.nn.Module:
+    """A dictionary from an exported folder; it takes raw activations (normalisation folded)."""
+    fs, folder = storage.url_to_fs(folder_url, storage_options)
+    config = storage.read_json(fs, storage.join(folder, "cfg.json"))
+    with fs.open(storage.join(folder, "sae_weights.safetensors"), "rb") as handle:
+        weights = load(handle.read())
+    options = {key: config[key] for key in ("k",) if key in config}
+    dictionary = build(config["architecture"], d_in=config["d_in"], d_sae=config["d_sae"], **options)
+    dictionary.load_state_dict({name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    return dictionary
