@@ -45,4 +45,4 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     options = {key: config[key] for key in ("k",) if key in config}
     dictionary = build(config["architecture"], d_in=config["d_in"], d_sae=config["d_sae"], **options)
     dictionary.load_state_dict({name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")})
-    return dictionary
+    return dictionary.requires_grad_(False).eval()  # for inference; fine-tuning re-enables gradients
