@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import yaml
 
 from harvest import storage
+from harvest.cluster import ensure_ray
 from harvest.config import HarvestConfig, from_dict, to_dict
 from harvest.corpus import ShardPlan, plan_shards
 from harvest.hooks import hook_module, parse_hook
@@ -167,19 +168,6 @@ class HarvestWorker:
         return {**self.harvester.progress, "pid": os.getpid()}
 
 
-def ensure_ray(config: HarvestConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
-
-
 def _resources(config: HarvestConfig) -> dict:
     import ray
 
@@ -205,7 +193,7 @@ def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | Non
     if pending and config.workers.actors == 0:
         tokens_done = _run_inline(config, plan, pending)
     elif pending:
-        ensure_ray(config)
+        ensure_ray(config.ray.address, config.ray.num_cpus)
         restarts, tokens_done = _run_pool(config, plan, pending, on_progress)
     summary = finish(config, url, plan, len(committed), started, orphans_removed, restarts, tokens_done)
     record_run_config(config)

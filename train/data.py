@@ -37,9 +37,20 @@ def _row_stream(store: ActivationStore, epoch: int, seed: int, read_rows: int) -
             yield batch.activation
 
 
+def data_variance(store: ActivationStore, scale: float) -> float:
+    """E‖s·x − s·μ‖² per token: the fixed denominator that makes the training loss a plain sum."""
+    statistics = store.statistics
+    mean = torch.tensor(statistics["mean"], dtype=torch.float64)
+    return float(scale**2 * (statistics["mean_squared_norm"] - mean.square().sum()))
+
+
 def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int, scale: float,
-                     device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-    """Endless float32 batches [batch_size, d_model] of normalised activations."""
+                     device: torch.device | str = "cpu", skip_batches: int = 0) -> Iterator[torch.Tensor]:
+    """Endless float32 batches [batch_size, d_model] of normalised activations.
+
+    ``skip_batches`` resumes the same sequence part-way (a resumed run sees the same data order).
+    """
+    skip = [skip_batches]
     epoch = 0
     carry = torch.empty(0, store.d_model, dtype=store.dtype)
     while True:
@@ -51,24 +62,27 @@ def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, 
             pending_rows += len(rows)
             if pending_rows >= buffer_rows:
                 yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
-                                       carry_out := [carry])
+                                       carry_out := [carry], skip)
                 carry = carry_out[0]
                 pending, pending_rows = [], 0
                 block_index += 1
         if pending:
             yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
-                                   carry_out := [carry])
+                                   carry_out := [carry], skip)
             carry = carry_out[0]
         epoch += 1
 
 
 def _emit_block(pending: list[torch.Tensor], seed: int, epoch: int, block_index: int, batch_size: int, scale: float,
-                device, carry: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+                device, carry: list[torch.Tensor], skip: list[int]) -> Iterator[torch.Tensor]:
     """Permute one block (plus the rows left over from the previous one) and cut it into batches."""
     block = torch.cat([carry[0], *pending])
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + block_index)
     block = block[torch.randperm(len(block), generator=generator)]
     full = len(block) // batch_size * batch_size
     for start in range(0, full, batch_size):
+        if skip[0] > 0:
+            skip[0] -= 1
+            continue
         yield block[start:start + batch_size].to(device=device, dtype=torch.float32) * scale
     carry[0] = block[full:]

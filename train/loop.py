@@ -1,7 +1,8 @@
-"""The training loop of one worker: batches → step → metrics; then export.
+"""The training loop: a plan every worker shares, the per-worker loop, and ``fit``.
 
-``train_step`` is a small, testable function; ``fit`` wires the store, the schedule, metrics and
-export around it.
+``train_step`` is a small, testable function. ``train_worker`` runs the whole loop on one worker
+(rank r of N takes rows r·B/N…(r+1)·B/N of every global batch, so N workers see exactly the
+batches one worker would); ``fit`` runs it in-process (``workers: 0``) or as a Ray Train job.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,7 @@ from harvest.progress import Progress
 from harvest.store import ActivationStore, store_url
 from train.architectures import build
 from train.config import TrainConfig
-from train.data import normalisation_scale, shuffled_batches
+from train.data import data_variance, normalisation_scale, shuffled_batches
 from train.export import export_dictionary
 
 log = logging.getLogger(__name__)
@@ -35,15 +37,17 @@ class FiringTracker:
 
     @classmethod
     def create(cls, d_sae: int, device) -> FiringTracker:
-        return cls(torch.zeros(d_sae, dtype=torch.long, device=device), torch.zeros(d_sae, dtype=torch.long,
-                                                                                      device=device))
+        return cls(torch.zeros(d_sae, dtype=torch.long, device=device),
+                   torch.zeros(d_sae, dtype=torch.long, device=device))
 
-    def update(self, indices: torch.Tensor, values: torch.Tensor) -> None:
-        fired = indices[values > 0]
-        counts = torch.bincount(fired, minlength=len(self.window_counts))
+    def update(self, indices: torch.Tensor, values: torch.Tensor, tokens: int | None = None) -> None:
+        counts = torch.bincount(indices[values > 0], minlength=len(self.window_counts))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every worker agrees on which latents are dead
+        tokens = tokens if tokens is not None else indices.shape[0]
         self.window_counts += counts
-        self.window_tokens += indices.shape[0]
-        self.tokens_since_fired += indices.shape[0]
+        self.window_tokens += tokens
+        self.tokens_since_fired += tokens
         self.tokens_since_fired[counts > 0] = 0
 
     def reset_window(self) -> None:
@@ -61,14 +65,34 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int, decay_f
 
 
 def train_step(dictionary: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-               dead_mask: torch.Tensor | None) -> tuple:
-    output = dictionary.training_loss(batch, dead_mask)
+               dead_mask: torch.Tensor | None, variance: float | None = None):
+    module = getattr(dictionary, "module", dictionary)  # DDP wraps the dictionary
+    # Called through __call__ (forward = training_loss) so DDP can sync gradients in backward.
+    output = dictionary(batch, dead_mask, variance)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
-    dictionary.before_optimizer_step()
+    module.before_optimizer_step()
     optimizer.step()
-    dictionary.after_step()
+    module.after_step()
     return output
+
+
+@dataclass
+class TrainingPlan:
+    """Everything a worker needs, resolved once by the driver (plain data: it travels to workers)."""
+
+    config: TrainConfig
+    store_url: str
+    d_model: int
+    d_sae: int
+    name: str
+    folder: str
+    total_steps: int
+    warmup_steps: int
+    dead_tokens: int
+    peak_lr: float
+    scale: float
+    variance: float
 
 
 def resolve_store_url(config: TrainConfig) -> str:
@@ -79,62 +103,136 @@ def resolve_store_url(config: TrainConfig) -> str:
     return store_url(config.run, config.hook)
 
 
-def fit(config: TrainConfig) -> dict:
+def plan_training(config: TrainConfig) -> TrainingPlan:
     store = ActivationStore(resolve_store_url(config), config.storage_options)
     config.validate(store.d_model)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
     d_sae = config.latents(store.d_model)
-    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}"
+    scale = normalisation_scale(store)
     total_tokens = config.tokens or store.num_rows
     total_steps = max(1, total_tokens // config.batch_size)
-    dead_tokens = config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4))
-    peak_lr = config.lr or 2e-4 / math.sqrt(d_sae / 2**14)
-    warmup_steps = max(1, min(config.lr_warmup_steps, total_steps // 10))  # short runs still reach the peak
-    scale = normalisation_scale(store)
+    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}"
+    return TrainingPlan(
+        config=config, store_url=store.url, d_model=store.d_model, d_sae=d_sae, name=name,
+        folder=storage.join(config.run, "dictionaries", name), total_steps=total_steps,
+        warmup_steps=max(1, min(config.lr_warmup_steps, total_steps // 10)),  # short runs still reach the peak
+        dead_tokens=config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4)),
+        peak_lr=config.lr or 2e-4 / math.sqrt(d_sae / 2**14), scale=scale, variance=data_variance(store, scale))
+
+
+def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:
+    config = plan.config
     torch.manual_seed(config.seed)
-    dictionary = build(config.architecture, d_in=store.d_model, d_sae=d_sae, k=config.k,
-                       aux_coefficient=config.aux_coefficient, seed=config.seed, **config.extra).to(device)
-    batches = shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, scale, device)
-    first = next(batches)
-    with torch.no_grad():  # b_dec starts at the data mean, not zero: no wasted early steps
-        dictionary.b_dec.copy_(first.mean(0))
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
-    folder = storage.join(config.run, "dictionaries", name)
-    fs, folder_path = storage.url_to_fs(folder, config.storage_options)
-    fs.makedirs(folder_path, exist_ok=True)
-    metrics_lines: list[str] = []
-    tracker = FiringTracker.create(d_sae, device)
-    progress = Progress("train", total_steps, "steps", interval=5.0)
+    return build(config.architecture, d_in=plan.d_model, d_sae=plan.d_sae, k=config.k,
+                 aux_coefficient=config.aux_coefficient, seed=config.seed, **config.extra).to(device)
+
+
+def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu", resume: dict | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 on_report: Callable[[dict, dict | None], None] | None = None, checkpoint_every: int = 0):
+    """Train on this worker's slice of every global batch; returns the (unwrapped) dictionary.
+
+    ``on_report(metrics, state_or_None)`` receives metric lines and, every ``checkpoint_every``
+    steps and at the end, the full training state for a checkpoint.
+    """
+    config = plan.config
+    store = ActivationStore(plan.store_url, config.storage_options)
+    dictionary = new_dictionary(plan, device)
+    batches = shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device,
+                               skip_batches=resume["step"] if resume else 0)
+    rows = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=plan.peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
+    tracker = FiringTracker.create(plan.d_sae, device)
+    start_step = 0
+    if resume:
+        dictionary.load_state_dict(resume["dictionary"])
+        optimizer.load_state_dict(resume["optimizer"])
+        tracker.tokens_since_fired.copy_(resume["tokens_since_fired"])
+        start_step = resume["step"]
+    else:
+        first = next(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device))
+        with torch.no_grad():  # b_dec starts at the data mean, not zero: no wasted early steps
+            dictionary.b_dec.copy_(first.mean(0))
+    model = wrap(dictionary) if wrap else dictionary
+    progress = Progress("train", plan.total_steps, "steps", interval=5.0)
     started = time.monotonic()
-    batch = first
-    last = {}
-    for step in range(total_steps):
+    for step in range(start_step, plan.total_steps):
+        batch = next(batches)[rows]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total_steps, peak_lr, warmup_steps, config.lr_decay_fraction)
-        dead_mask = tracker.tokens_since_fired >= dead_tokens
-        output = train_step(dictionary, optimizer, batch, dead_mask if dead_mask.any() else None)
-        tracker.update(output.code.indices, output.code.values.detach())
-        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+            group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps,
+                                        config.lr_decay_fraction)
+        dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
+        output = train_step(model, optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
+        tracker.update(output.code.indices, output.code.values.detach(), tokens=config.batch_size)
+        done = step + 1
+        metrics = None
+        if done % config.log_every == 0 or done == plan.total_steps:
             frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
-            last = {"step": step + 1, "tokens": (step + 1) * config.batch_size, "loss": float(output.loss.detach()),
-                    **output.terms, "l0": float((output.code.values > 0).sum(1).float().mean()),
-                    "dead_fraction": float(dead_mask.float().mean()),
-                    "dense_fraction": float((frequencies > 0.1).float().mean()),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_second": (step + 1) * config.batch_size / (time.monotonic() - started)}
-            metrics_lines.append(json.dumps(last))
+            metrics = {"step": done, "tokens": done * config.batch_size, "loss": float(output.loss.detach()),
+                       **output.terms, "l0": float((output.code.values > 0).sum(1).float().mean()),
+                       "dead_fraction": float(dead_mask.float().mean()),
+                       "dense_fraction": float((frequencies > 0.1).float().mean()),
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "tokens_per_second": (done - start_step) * config.batch_size / (time.monotonic() - started)}
             tracker.reset_window()
-            metrics_text = "\n".join(metrics_lines) + "\n"
-            storage.write_bytes(fs, storage.join(folder_path, "metrics.jsonl"), metrics_text.encode())
-        progress.update(step + 1, (step + 1) * config.batch_size,
-                        f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
-                        final=step + 1 == total_steps)
-        if step + 1 < total_steps:
-            batch = next(batches)
+        state = None
+        if done == plan.total_steps or (checkpoint_every and done % checkpoint_every == 0):
+            state = {"step": done, "dictionary": dictionary.state_dict(), "optimizer": optimizer.state_dict(),
+                     "tokens_since_fired": tracker.tokens_since_fired.clone()}
+        if on_report and (metrics or state):
+            on_report(metrics, state)
+        if rank == 0:
+            progress.update(done, done * config.batch_size,
+                            f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
+                            final=done == plan.total_steps)
+    return dictionary
+
+
+class MetricsLog:
+    """metrics.jsonl of a dictionary, rewritten whole each time (object stores cannot append)."""
+
+    def __init__(self, plan: TrainingPlan):
+        self.fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
+        self.path = storage.join(folder, "metrics.jsonl")
+        self.lines: list[str] = []
+        if storage.exists(self.fs, self.path):
+            with self.fs.open(self.path, "rb") as handle:
+                self.lines = handle.read().decode().splitlines()
+
+    def add(self, metrics: dict) -> None:
+        # A resumed run repeats nothing: drop lines from steps at or after this one.
+        self.lines = [line for line in self.lines if json.loads(line)["step"] < metrics["step"]]
+        self.lines.append(json.dumps(metrics))
+        storage.write_bytes(self.fs, self.path, ("\n".join(self.lines) + "\n").encode())
+
+    @property
+    def last(self) -> dict:
+        return json.loads(self.lines[-1]) if self.lines else {}
+
+
+def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
+    store = ActivationStore(plan.store_url, plan.config.storage_options)
+    training = {key: value for key, value in vars(plan.config).items() if key != "storage_options"}
     metadata = {"lexica_store": store.url, "hook": store.hook, "model": store.manifest["model"],
-                "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": name,
-                "training": {**{k: v for k, v in vars(config).items() if k != "storage_options"}, "steps": total_steps}}
-    export_dictionary(dictionary, scale, storage.join(folder, "final"), metadata, config.storage_options)
-    return {"name": name, "folder": folder, "final": last, "scale": scale, "steps": total_steps,
-            "dictionary": dictionary}
+                "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": plan.name,
+                "training": {**training, "steps": plan.total_steps}}
+    export_dictionary(dictionary.cpu(), plan.scale, storage.join(plan.folder, "final"), metadata,
+                      plan.config.storage_options)
+    return {"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last, "scale": plan.scale,
+            "steps": plan.total_steps, "dictionary": dictionary}
+
+
+def fit(config: TrainConfig) -> dict:
+    """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
+    plan = plan_training(config)
+    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+    fs.makedirs(folder, exist_ok=True)
+    if config.workers == 0:
+        metrics_log = MetricsLog(plan)
+        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if config.device == "auto" else config.device)
+        dictionary = train_worker(plan, device=device,
+                                  on_report=lambda metrics, state: metrics and metrics_log.add(metrics))
+        return finish(plan, dictionary)
+    from train.job import run_ray_training
+
+    return finish(plan, run_ray_training(plan))

@@ -5,7 +5,8 @@ Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, 
 
 - ``encode(x) -> SparseCode``: inference codes as (values, indices) of the active latents;
 - ``decode(code) -> Tensor``: reconstruction;
-- ``training_loss(x, dead_mask, step) -> TrainOutput``: the loss to minimise and its terms;
+- ``training_loss(x, dead_mask, variance) -> TrainOutput``: the loss to minimise and its terms;
+- ``before_optimizer_step()``: gradient constraints (e.g. keep decoder norms);
 - ``after_step()``: constraints applied after the optimiser step (e.g. unit-norm decoder);
 - ``export_config() -> dict``: the architecture's SAELens ``cfg.json`` fields.
 """

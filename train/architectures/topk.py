@@ -50,13 +50,17 @@ class TopK(nn.Module):
     def decode(self, code: SparseCode) -> torch.Tensor:
         return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, step: int = 0) -> TrainOutput:
+    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                      variance: float | None = None) -> TrainOutput:
+        """Loss = FVU of the batch, or, given the data's per-token ``variance``, mean squared error
+        over it: a sum over rows, so data-parallel workers averaging gradients equal one worker."""
         centered = x - self.b_dec.detach()
         values, indices = self._select(centered, self.k)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, indices).relu()
         reconstruction = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        fvu = fraction_of_variance_unexplained(reconstruction - x, x)
-        loss = fvu
+        error = reconstruction - x
+        fvu = fraction_of_variance_unexplained(error, x)
+        loss = fvu if variance is None else error.pow(2).sum(1).mean() / variance
         auxk = torch.zeros((), device=x.device)
         dead_count = int(dead_mask.sum()) if dead_mask is not None else 0
         if dead_count:
@@ -67,11 +71,16 @@ class TopK(nn.Module):
             aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
                                                  aux_indices).relu()
             residual = (x - reconstruction).detach()
-            auxk = fraction_of_variance_unexplained(sparse_decode(aux_indices, aux_values, self.W_dec) - residual,
-                                                    residual)
+            aux_error = sparse_decode(aux_indices, aux_values, self.W_dec) - residual
+            if variance is None:
+                auxk = fraction_of_variance_unexplained(aux_error, residual)
+            else:
+                auxk = aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
             loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
         return TrainOutput(loss, reconstruction, SparseCode(values, indices), fvu,
                            {"fvu": float(fvu.detach()), "auxk": float(auxk.detach())})
+
+    forward = training_loss
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

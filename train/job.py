@@ -1,0 +1,90 @@
+"""The Ray Train job: N DDP workers run ``train_worker``; checkpoints and resume go through Ray
+Train's storage (``<run>/dictionaries/<name>/checkpoints/``).
+
+This Ray version (Train V2) resumes by re-running with the same run name and storage path: the
+newest reported checkpoint comes back through ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from harvest import storage
+from train.loop import MetricsLog, TrainingPlan, train_worker
+
+STATE_FILE = "state.pt"
+
+
+def _worker_entry(values: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    plan: TrainingPlan = values["plan"]
+    torch.set_num_threads(max(1, int(plan.config.cpus_per_worker)))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            # Our own checkpoint, read tensors-only: weights_only refuses arbitrary pickled objects.
+            resume = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=True)
+    metrics_log = MetricsLog(plan) if rank == 0 else None
+
+    def report(metrics: dict | None, state: dict | None) -> None:
+        if metrics and metrics_log is not None:
+            metrics_log.add(metrics)
+        if state is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint_out = None
+            if rank == 0:
+                torch.save(state, os.path.join(folder, STATE_FILE))
+                checkpoint_out = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"step": state["step"], **(metrics or {})}, checkpoint=checkpoint_out)
+
+    dictionary = train_worker(plan, rank, world, device, resume,
+                              wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
+                              on_report=report, checkpoint_every=plan.config.checkpoint_every)
+    del dictionary
+
+
+def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from harvest.cluster import ensure_ray
+
+    ensure_ray()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= plan.config.workers
+    fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
+    trainer = TorchTrainer(
+        _worker_entry, train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.config.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": plan.config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="checkpoints", storage_path=folder,
+                                       storage_filesystem=_pyarrow_filesystem(fs),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as checkpoint_folder:
+        state = torch.load(os.path.join(checkpoint_folder, STATE_FILE), map_location="cpu", weights_only=True)
+    from train.loop import new_dictionary
+
+    dictionary = new_dictionary(plan, "cpu")
+    dictionary.load_state_dict(state["dictionary"])
+    return dictionary
+
+
+def _pyarrow_filesystem(fs):
+    if storage.is_local(fs):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
