@@ -34,6 +34,13 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def absolute_url(url: str) -> str:
+    """A local path made absolute (workers may run in another directory); other URLs unchanged."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URL a path on ``fs`` has, so that it can be handed to another process."""
     return fs.unstrip_protocol(path) if not is_local(fs) else path

@@ -7,6 +7,7 @@ batches one worker would); ``fit`` runs it in-process (``workers: 0``) or as a R
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -104,7 +105,8 @@ def resolve_store_url(config: TrainConfig) -> str:
 
 
 def plan_training(config: TrainConfig) -> TrainingPlan:
-    store = ActivationStore(resolve_store_url(config), config.storage_options)
+    config = dataclasses.replace(config, run=storage.absolute_url(config.run))
+    store = ActivationStore(storage.absolute_url(resolve_store_url(config)), config.storage_options)
     config.validate(store.d_model)
     d_sae = config.latents(store.d_model)
     scale = normalisation_scale(store)
