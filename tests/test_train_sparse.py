@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.sparse import select_with_sparse_grad, sparse_decode
+from train.sparse import select_flat_with_sparse_grad, select_with_sparse_grad, sparse_decode, sparse_decode_flat
 
 
 def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
@@ -27,6 +27,42 @@ def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
             values, indices = torch.addmm(p["b_enc"], centered, p["W_enc"]).topk(k, dim=1)
         values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, indices)
         return ((sparse_decode(indices, values.relu(), p["W_dec"]) + p["b_dec"] - target) ** 2).sum()
+
+    dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    dense_value, sparse_value = dense_loss(dense), sparse_loss(sparse)
+    dense_value.backward()
+    sparse_value.backward()
+    torch.testing.assert_close(sparse_value, dense_value)
+    for name in parameters:
+        torch.testing.assert_close(sparse[name].grad, dense[name].grad, msg=name)
+
+
+def test_flat_codes_with_per_row_counts_match_dense_autograd():
+    """BatchTopK's shape: the k·batch largest of the whole batch, a different count per row."""
+    torch.manual_seed(1)
+    batch, d_in, d_sae, k = 32, 12, 80, 4
+    x = torch.randn(batch, d_in, dtype=torch.float64)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    parameters = {name: torch.randn(*shape, dtype=torch.float64) for name, shape in shapes.items()}
+    target = torch.randn(batch, d_in, dtype=torch.float64)
+
+    def dense_loss(p):
+        pre = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+        values, flat = pre.reshape(-1).topk(k * batch)
+        codes = torch.zeros(batch * d_sae, dtype=pre.dtype).scatter(0, flat, values).view(batch, d_sae)
+        return ((codes @ p["W_dec"] + p["b_dec"] - target) ** 2).sum()
+
+    def sparse_loss(p):
+        centered = x - p["b_dec"].detach()
+        with torch.no_grad():
+            values, flat = torch.addmm(p["b_enc"], centered, p["W_enc"]).relu().reshape(-1).topk(k * batch)
+            rows, latents = flat // d_sae, flat % d_sae
+            order = rows.argsort()
+            rows, latents, values = rows[order], latents[order], values[order]
+        values = select_flat_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, rows, latents)
+        decoded = sparse_decode_flat(rows, latents, values.relu(), p["W_dec"], batch)
+        return ((decoded + p["b_dec"] - target) ** 2).sum()
 
     dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
     sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}

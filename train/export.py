@@ -17,8 +17,9 @@ def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch
     divides by s, so W_enc is multiplied and W_dec and b_dec are divided by s.
     """
     with torch.no_grad():
-        return {"W_enc": (dictionary.W_enc * scale).contiguous(), "b_enc": dictionary.b_enc.clone(),
-                "W_dec": (dictionary.W_dec / scale).contiguous(), "b_dec": (dictionary.b_dec / scale).contiguous()}
+        weights = {"W_enc": (dictionary.W_enc * scale).contiguous(), "b_enc": dictionary.b_enc.clone(),
+                   "W_dec": (dictionary.W_dec / scale).contiguous(), "b_dec": (dictionary.b_dec / scale).contiguous()}
+        return weights
 
 
 def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str, metadata: dict,
@@ -29,7 +30,8 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         **dictionary.export_config(),
-        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale},
+        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale,
+                     "lexica_architecture": dictionary.architecture, "k": dictionary.k},
     }
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
     storage.write_json(fs, storage.join(folder, "cfg.json"), config)
@@ -42,7 +44,8 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     config = storage.read_json(fs, storage.join(folder, "cfg.json"))
     with fs.open(storage.join(folder, "sae_weights.safetensors"), "rb") as handle:
         weights = load(handle.read())
-    options = {key: config[key] for key in ("k",) if key in config}
-    dictionary = build(config["architecture"], d_in=config["d_in"], d_sae=config["d_sae"], **options)
-    dictionary.load_state_dict({name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    metadata = config.get("metadata", {})
+    architecture = metadata.get("lexica_architecture", config["architecture"])
+    dictionary = build(architecture, d_in=config["d_in"], d_sae=config["d_sae"], k=config.get("k", metadata.get("k")))
+    dictionary.load_state_dict(weights)
     return dictionary.requires_grad_(False).eval()  # for inference; fine-tuning re-enables gradients

@@ -170,7 +170,7 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         if done % config.log_every == 0 or done == plan.total_steps:
             frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
             metrics = {"step": done, "tokens": done * config.batch_size, "loss": float(output.loss.detach()),
-                       **output.terms, "l0": float((output.code.values > 0).sum(1).float().mean()),
+                       **output.terms,
                        "dead_fraction": float(dead_mask.float().mean()),
                        "dense_fraction": float((frequencies > 0.1).float().mean()),
                        "lr": optimizer.param_groups[0]["lr"],

@@ -58,27 +58,33 @@ class TopK(nn.Module):
         values, indices = self._select(centered, self.k)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, indices).relu()
         reconstruction = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        return self._losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance,
+                            l0=float((values > 0).sum(1).float().mean()))
+
+    def _losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance, l0: float) -> TrainOutput:
         error = reconstruction - x
         fvu = fraction_of_variance_unexplained(error, x)
         loss = fvu if variance is None else error.pow(2).sum(1).mean() / variance
-        auxk = torch.zeros((), device=x.device)
+        auxk = self._auxk(centered, x, reconstruction, dead_mask, fvu, variance)
+        loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
+        return TrainOutput(loss, reconstruction, code, fvu,
+                           {"fvu": float(fvu.detach()), "auxk": float(auxk.detach()), "l0": l0})
+
+    def _auxk(self, centered, x, reconstruction, dead_mask, fvu, variance) -> torch.Tensor:
+        """AuxK: dead latents try to explain what the live ones miss (the residual), which pulls
+        them back into use without disturbing the main reconstruction."""
         dead_count = int(dead_mask.sum()) if dead_mask is not None else 0
-        if dead_count:
-            # Dead latents try to explain what the live ones miss (the residual), which pulls them
-            # back into use without disturbing the main reconstruction.
-            aux_k = min(self.aux_k, dead_count)
-            aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0))
-            aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
-                                                 aux_indices).relu()
-            residual = (x - reconstruction).detach()
-            aux_error = sparse_decode(aux_indices, aux_values, self.W_dec) - residual
-            if variance is None:
-                auxk = fraction_of_variance_unexplained(aux_error, residual)
-            else:
-                auxk = aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
-            loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
-        return TrainOutput(loss, reconstruction, SparseCode(values, indices), fvu,
-                           {"fvu": float(fvu.detach()), "auxk": float(auxk.detach())})
+        if not dead_count:
+            return torch.zeros((), device=x.device)
+        aux_k = min(self.aux_k, dead_count)
+        aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0))
+        aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
+                                             aux_indices).relu()
+        residual = (x - reconstruction).detach()
+        aux_error = sparse_decode(aux_indices, aux_values, self.W_dec) - residual
+        if variance is None:
+            return fraction_of_variance_unexplained(aux_error, residual)
+        return aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
 
     forward = training_loss
 
