@@ -7,13 +7,27 @@ import torch
 from train.sparse import select_flat_with_sparse_grad, select_with_sparse_grad, sparse_decode, sparse_decode_flat
 
 
-def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
-    torch.manual_seed(0)
-    batch, d_in, d_sae, k = 64, 16, 96, 5
-    x = torch.randn(batch, d_in, dtype=torch.float64)
+def random_problem(seed: int, batch: int, d_in: int, d_sae: int):
+    torch.manual_seed(seed)
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     parameters = {name: torch.randn(*shape, dtype=torch.float64) for name, shape in shapes.items()}
-    target = torch.randn(batch, d_in, dtype=torch.float64)
+    return torch.randn(batch, d_in, dtype=torch.float64), parameters, torch.randn(batch, d_in, dtype=torch.float64)
+
+
+def assert_same_values_and_gradients(dense_loss, sparse_loss, parameters: dict) -> None:
+    dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}
+    dense_value, sparse_value = dense_loss(dense), sparse_loss(sparse)
+    dense_value.backward()
+    sparse_value.backward()
+    torch.testing.assert_close(sparse_value, dense_value)
+    for name in parameters:
+        torch.testing.assert_close(sparse[name].grad, dense[name].grad, msg=name)
+
+
+def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
+    batch, d_sae, k = 64, 96, 5
+    x, parameters, target = random_problem(0, batch, 16, d_sae)
 
     def dense_loss(p):
         pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
@@ -28,24 +42,13 @@ def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
         values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, indices)
         return ((sparse_decode(indices, values.relu(), p["W_dec"]) + p["b_dec"] - target) ** 2).sum()
 
-    dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
-    sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}
-    dense_value, sparse_value = dense_loss(dense), sparse_loss(sparse)
-    dense_value.backward()
-    sparse_value.backward()
-    torch.testing.assert_close(sparse_value, dense_value)
-    for name in parameters:
-        torch.testing.assert_close(sparse[name].grad, dense[name].grad, msg=name)
+    assert_same_values_and_gradients(dense_loss, sparse_loss, parameters)
 
 
 def test_flat_codes_with_per_row_counts_match_dense_autograd():
     """BatchTopK's shape: the k·batch largest of the whole batch, a different count per row."""
-    torch.manual_seed(1)
-    batch, d_in, d_sae, k = 32, 12, 80, 4
-    x = torch.randn(batch, d_in, dtype=torch.float64)
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    parameters = {name: torch.randn(*shape, dtype=torch.float64) for name, shape in shapes.items()}
-    target = torch.randn(batch, d_in, dtype=torch.float64)
+    batch, d_sae, k = 32, 80, 4
+    x, parameters, target = random_problem(1, batch, 12, d_sae)
 
     def dense_loss(p):
         pre = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
@@ -64,11 +67,4 @@ def test_flat_codes_with_per_row_counts_match_dense_autograd():
         decoded = sparse_decode_flat(rows, latents, values.relu(), p["W_dec"], batch)
         return ((decoded + p["b_dec"] - target) ** 2).sum()
 
-    dense = {name: value.clone().requires_grad_() for name, value in parameters.items()}
-    sparse = {name: value.clone().requires_grad_() for name, value in parameters.items()}
-    dense_value, sparse_value = dense_loss(dense), sparse_loss(sparse)
-    dense_value.backward()
-    sparse_value.backward()
-    torch.testing.assert_close(sparse_value, dense_value)
-    for name in parameters:
-        torch.testing.assert_close(sparse[name].grad, dense[name].grad, msg=name)
+    assert_same_values_and_gradients(dense_loss, sparse_loss, parameters)
