@@ -61,6 +61,12 @@ def harvested_hook(config: TrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The one subcommand; everything else is the flag-only training command as before.
+    if argv[:1] == ["plot"]:
+        from train.plot import main as plot_main
+
+        return plot_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from harvest.storage import StorageError
     from harvest.store import StoreError

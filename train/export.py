@@ -9,6 +9,8 @@ from safetensors.torch import load, save
 from harvest import storage
 from train.architectures import build
 
+SAELENS_NAMES = {"standard": "relu"}  # SAELens architecture names that differ from ours
+
 
 def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
     """Weights that take raw activations: SAE_raw(x) = SAE(scale·x) / scale.
@@ -19,7 +21,8 @@ def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch
     with torch.no_grad():
         weights = {"W_enc": (dictionary.W_enc * scale).contiguous(), "b_enc": dictionary.b_enc.clone(),
                    "W_dec": (dictionary.W_dec / scale).contiguous(), "b_dec": (dictionary.b_dec / scale).contiguous()}
-        return weights
+        # Extras (e.g. JumpReLU thresholds) act on pre-activations, which folding leaves unchanged.
+        return {**weights, **dictionary.export_extra()}
 
 
 def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str, metadata: dict,
@@ -31,7 +34,7 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         **dictionary.export_config(),
         "metadata": {**metadata, "lexica_normalisation_scale_folded": scale,
-                     "lexica_architecture": dictionary.architecture, "k": dictionary.k},
+                     "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None)},
     }
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
     storage.write_json(fs, storage.join(folder, "cfg.json"), config)
@@ -45,7 +48,9 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     with fs.open(storage.join(folder, "sae_weights.safetensors"), "rb") as handle:
         weights = load(handle.read())
     metadata = config.get("metadata", {})
-    architecture = metadata.get("lexica_architecture", config["architecture"])
-    dictionary = build(architecture, d_in=config["d_in"], d_sae=config["d_sae"], k=config.get("k", metadata.get("k")))
+    saelens_name = config["architecture"]
+    architecture = metadata.get("lexica_architecture", SAELENS_NAMES.get(saelens_name, saelens_name))
+    k = config.get("k", metadata.get("k")) or 1  # architectures without k ignore it
+    dictionary = build(architecture, d_in=config["d_in"], d_sae=config["d_sae"], k=k)
     dictionary.load_state_dict(weights)
     return dictionary.requires_grad_(False).eval()  # for inference; fine-tuning re-enables gradients

@@ -41,11 +41,11 @@ class FiringTracker:
         return cls(torch.zeros(d_sae, dtype=torch.long, device=device),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
 
-    def update(self, indices: torch.Tensor, values: torch.Tensor, tokens: int | None = None) -> None:
-        counts = torch.bincount(indices[values > 0], minlength=len(self.window_counts))
+    def update(self, fired: torch.Tensor, tokens: int) -> None:
+        """``fired``: per-latent firing counts of this worker's batch; ``tokens``: the global batch."""
+        counts = fired.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)  # every worker agrees on which latents are dead
-        tokens = tokens if tokens is not None else indices.shape[0]
         self.window_counts += counts
         self.window_tokens += tokens
         self.tokens_since_fired += tokens
@@ -152,8 +152,7 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         start_step = resume["step"]
     else:
         first = next(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device))
-        with torch.no_grad():  # b_dec starts at the data mean, not zero: no wasted early steps
-            dictionary.b_dec.copy_(first.mean(0))
+        dictionary.initialise_from(first)
     model = wrap(dictionary) if wrap else dictionary
     progress = Progress("train", plan.total_steps, "steps", interval=5.0)
     started = time.monotonic()
@@ -162,9 +161,10 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps,
                                         config.lr_decay_fraction)
+        dictionary.begin_step(step, plan.total_steps)
         dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
         output = train_step(model, optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
-        tracker.update(output.code.indices, output.code.values.detach(), tokens=config.batch_size)
+        tracker.update(output.fired, tokens=config.batch_size)
         done = step + 1
         metrics = None
         if done % config.log_every == 0 or done == plan.total_steps:

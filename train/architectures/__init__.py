@@ -3,12 +3,17 @@
 Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, ``b_enc``,
 ``W_dec [d_sae, d_in]``, ``b_dec`` and implements:
 
+- ``initialise_from(batch)``: data-dependent initialisation from the first batch (b_dec at the mean);
 - ``encode(x) -> SparseCode``: inference codes as (values, indices) of the active latents;
 - ``decode(code) -> Tensor``: reconstruction;
-- ``training_loss(x, dead_mask, variance) -> TrainOutput``: the loss to minimise and its terms;
+- ``training_loss(x, dead_mask, variance) -> TrainOutput``: the loss to minimise and its terms
+  (``forward`` is the same method, so DDP can wrap the module);
+- ``begin_step(step, total_steps)``: schedules that follow training progress (e.g. a sparsity
+  coefficient warm-up); a function of the step only, so a resumed run continues them exactly;
 - ``before_optimizer_step()``: gradient constraints (e.g. keep decoder norms);
 - ``after_step()``: constraints applied after the optimiser step (e.g. unit-norm decoder);
-- ``export_config() -> dict``: the architecture's SAELens ``cfg.json`` fields.
+- ``export_config() -> dict``: the architecture's SAELens ``cfg.json`` fields;
+- ``export_extra() -> dict[str, Tensor]``: weights beyond the four above (e.g. ``threshold``).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ class SparseCode(NamedTuple):
 class TrainOutput(NamedTuple):
     loss: torch.Tensor
     reconstruction: torch.Tensor
-    code: SparseCode
+    code: SparseCode | None  # None when the batch was decoded densely (e.g. early ReLU training)
     fvu: torch.Tensor
     terms: dict  # named loss terms, detached floats for metrics
+    fired: torch.Tensor  # [d_sae] tokens of this batch each latent fired on
 
 
 def build(name: str, **kwargs) -> torch.nn.Module:
@@ -48,4 +54,5 @@ def build(name: str, **kwargs) -> torch.nn.Module:
     return ARCHITECTURES[name](**kwargs)
 
 
-from train.architectures import topk  # noqa: E402,F401  (registers itself)
+# Each module registers itself on import.
+from train.architectures import batchtopk, jumprelu, relu, topk  # noqa: E402,F401

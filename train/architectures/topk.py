@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 from train.architectures import SparseCode, TrainOutput, register
+from train.architectures.parts import (
+    firing_counts,
+    fraction_of_variance_unexplained,
+    normalise_rows,
+    reconstruction_loss,
+    remove_parallel_gradient,
+    tied_init,
+)
 from train.sparse import select_with_sparse_grad, sparse_decode
-
-
-def fraction_of_variance_unexplained(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    total_variance = (target - target.mean(0)).pow(2).sum()
-    return error.pow(2).sum() / total_variance.clamp_min(1e-12)
 
 
 @register("topk")
@@ -26,22 +29,26 @@ class TopK(nn.Module):
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
         self.aux_k = aux_k if aux_k is not None else min(d_sae, max(k, d_in // 2))
         self.aux_coefficient = aux_coefficient
-        generator = torch.Generator().manual_seed(seed)
-        decoder = torch.randn(d_sae, d_in, generator=generator)
-        decoder /= decoder.norm(dim=1, keepdim=True)
-        # Encoder starts as the decoder's transpose (Gao et al.): early codes are meaningful.
+        decoder, encoder = tied_init(d_in, d_sae, seed)
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.t().clone())
+        self.W_enc = nn.Parameter(encoder)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
-    def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+    @torch.no_grad()
+    def initialise_from(self, batch: torch.Tensor) -> None:
+        self.b_dec.copy_(batch.mean(0))  # not zero: no early steps spent learning the offset
+
+    def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
+        """The dense encoder matmul, outside autograd (gradients come from the sparse kernels)."""
         with torch.no_grad():
-            pre_activations = torch.addmm(self.b_enc, centered, self.W_enc)
-            if mask is not None:
-                pre_activations.masked_fill_(~mask, float("-inf"))
-            values, indices = pre_activations.topk(k, dim=1, sorted=False)
-        return values, indices
+            return torch.addmm(self.b_enc, centered, self.W_enc)
+
+    def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+        pre_activations = self.pre_activations(centered)
+        if mask is not None:
+            pre_activations.masked_fill_(~mask, float("-inf"))
+        return pre_activations.topk(k, dim=1, sorted=False)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         values, indices = self._select(x - self.b_dec, self.k)
@@ -52,23 +59,22 @@ class TopK(nn.Module):
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
-        """Loss = FVU of the batch, or, given the data's per-token ``variance``, mean squared error
-        over it: a sum over rows, so data-parallel workers averaging gradients equal one worker."""
         centered = x - self.b_dec.detach()
         values, indices = self._select(centered, self.k)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, indices).relu()
         reconstruction = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        return self._losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance,
-                            l0=float((values > 0).sum(1).float().mean()))
+        return self.losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance)
 
-    def _losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance, l0: float) -> TrainOutput:
+    def losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance) -> TrainOutput:
+        """Reconstruction loss plus AuxK; ``code`` may be padded with zero values."""
         error = reconstruction - x
         fvu = fraction_of_variance_unexplained(error, x)
-        loss = fvu if variance is None else error.pow(2).sum(1).mean() / variance
         auxk = self._auxk(centered, x, reconstruction, dead_mask, fvu, variance)
-        loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
+        loss = reconstruction_loss(error, fvu, variance) + self.aux_coefficient * auxk.nan_to_num(0.0)
+        fired = firing_counts(code.indices, code.values.detach(), self.d_sae)
         return TrainOutput(loss, reconstruction, code, fvu,
-                           {"fvu": float(fvu.detach()), "auxk": float(auxk.detach()), "l0": l0})
+                           {"fvu": float(fvu.detach()), "auxk": float(auxk.detach()),
+                            "l0": float(fired.sum()) / len(x)}, fired)
 
     def _auxk(self, centered, x, reconstruction, dead_mask, fvu, variance) -> torch.Tensor:
         """AuxK: dead latents try to explain what the live ones miss (the residual), which pulls
@@ -86,18 +92,20 @@ class TopK(nn.Module):
             return fraction_of_variance_unexplained(aux_error, residual)
         return aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
 
-    forward = training_loss
+    def forward(self, x, dead_mask=None, variance=None) -> TrainOutput:
+        return self.training_loss(x, dead_mask, variance)  # late-bound: subclasses change the loss
 
-    @torch.no_grad()
+    def begin_step(self, step: int, total_steps: int) -> None:
+        pass  # nothing follows the schedule: k is fixed from the first step
+
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component that would change decoder row norms (kept at 1)."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+        remove_parallel_gradient(self.W_dec)
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        normalise_rows(self.W_dec)
 
     def export_config(self) -> dict:
         return {"architecture": "topk", "k": self.k}
+
+    def export_extra(self) -> dict[str, torch.Tensor]:
+        return {}

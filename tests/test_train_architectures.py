@@ -1,0 +1,94 @@
+"""Architecture internals against plain dense references: the sparse training paths must compute
+the method's loss and gradients exactly, not an approximation of them."""
+
+from __future__ import annotations
+
+import torch
+
+from train.architectures import build
+
+
+def double_dictionary(architecture: str, seed: int = 0, **options) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    dictionary = build(architecture, d_in=16, d_sae=64, k=6, seed=seed, **options).double()
+    x = torch.randn(48, 16, dtype=torch.float64) * 2 + 0.5
+    dictionary.initialise_from(x)
+    with torch.no_grad():
+        dictionary.b_enc.normal_(0, 0.1)
+    return dictionary, x
+
+
+def gradients(dictionary: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.grad.clone() for name, parameter in dictionary.named_parameters()}
+
+
+def assert_matches_reference(dictionary: torch.nn.Module, x: torch.Tensor, reference_loss) -> None:
+    output = dictionary(x, None, 3.0)
+    output.loss.backward()
+    trained = gradients(dictionary)
+    dictionary.zero_grad()
+    expected = reference_loss(dictionary)
+    expected.backward()
+    torch.testing.assert_close(output.loss, expected)
+    for name, grad in gradients(dictionary).items():
+        torch.testing.assert_close(trained[name], grad, msg=name)
+
+
+def test_jumprelu_straight_through_gradients_equal_a_dense_reference():
+    dictionary, x = double_dictionary("jumprelu", l0_coefficient=0.1, bandwidth=0.5)
+    assert 0 < float(dictionary.encode(x).values.gt(0).sum(1).float().mean()) < 64
+
+    def reference(d):
+        threshold = d.threshold
+        pre = (x - d.b_dec) @ d.W_enc + d.b_enc
+        active = (pre > threshold.detach()).double()
+        kernel = ((pre.detach() - threshold.detach()).abs() < d.bandwidth / 2).double()
+        moved = threshold - threshold.detach()  # zero forward; carries the pseudo-derivatives
+        codes = pre * active + moved * (-threshold.detach() / d.bandwidth * kernel)
+        steps = active + moved * (-kernel / d.bandwidth)
+        mse = ((codes @ d.W_dec + d.b_dec - x) ** 2).sum(1).mean() / 3.0
+        return mse + 0.1 * steps.sum() / len(x)
+
+    assert_matches_reference(dictionary, x, reference)
+
+
+def relu_reference(x: torch.Tensor, l1_coefficient: float):
+    def reference(d):
+        codes = torch.relu((x - d.b_dec) @ d.W_enc + d.b_enc)
+        mse = ((codes @ d.W_dec + d.b_dec - x) ** 2).sum(1).mean()
+        return (mse + l1_coefficient * (codes * d.W_dec.norm(dim=1)).sum(1).mean()) / 3.0
+
+    return reference
+
+
+def test_relu_sparse_and_dense_paths_equal_the_l1_reference():
+    for sparse_path in (False, True):
+        dictionary, x = double_dictionary("relu", l1_coefficient=0.7)
+        dictionary.sparse_path = sparse_path
+        assert_matches_reference(dictionary, x, relu_reference(x, 0.7))
+
+
+def test_relu_sparsity_warmup_scales_the_penalty_from_zero():
+    dictionary, x = double_dictionary("relu", l1_coefficient=0.7, sparsity_warmup=0.1)
+    dictionary.begin_step(0, 100)  # first of ten warm-up steps: a tenth of the coefficient
+    assert_matches_reference(dictionary, x, relu_reference(x, 0.07))
+
+
+def test_batchtopk_keeps_the_batch_wide_largest_and_infers_with_its_threshold():
+    dictionary, x = double_dictionary("batchtopk")
+    output = dictionary(x, None, 3.0)
+    with torch.no_grad():
+        pre = (x - dictionary.b_dec) @ dictionary.W_enc + dictionary.b_enc
+    kept = torch.zeros_like(pre, dtype=torch.bool)
+    kept.view(-1)[pre.view(-1).topk(len(x) * 6).indices] = True
+    chosen = torch.zeros_like(kept)
+    rows = torch.arange(len(x)).unsqueeze(1).expand_as(output.code.indices)
+    chosen[rows[output.code.values > 0], output.code.indices[output.code.values > 0]] = True
+    assert torch.equal(chosen, kept & (pre > 0))
+    counts = chosen.sum(1)
+    assert counts.float().mean() == 6 and counts.min() < counts.max()  # per-token counts vary
+    # Inference has no batch: latents above the running threshold (the smallest kept value).
+    threshold = float(dictionary.threshold[0])
+    assert threshold == float(pre[kept].min())
+    code = dictionary.encode(x)
+    assert torch.equal(code.values.gt(0).sum(1), (pre > threshold).sum(1))

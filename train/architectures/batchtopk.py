@@ -1,0 +1,66 @@
+"""BatchTopK (Bussmann et al. 2024): keep the batch_size·k largest pre-activations of the whole
+batch rather than k per token, so hard tokens get more latents and easy ones fewer, at the same
+average L0. Inference cannot see a batch, so training keeps a running estimate of the smallest
+selected activation and inference uses it as a threshold (exported as SAELens ``jumprelu``)."""
+
+from __future__ import annotations
+
+import torch
+
+from train.architectures import SparseCode, TrainOutput, register
+from train.architectures.parts import padded_code
+from train.architectures.topk import TopK
+from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+
+THRESHOLD_MOMENTUM = 0.99
+
+
+@register("batchtopk")
+class BatchTopK(TopK):
+    def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
+                 seed: int = 0):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed)
+        # One threshold shared by all latents, stored per latent: the export's shape and the
+        # state_dict's are the same, so exported weights load back directly. Negative = not yet set.
+        self.register_buffer("threshold", torch.full((d_sae,), -1.0))
+
+    def _select_batch(self, centered: torch.Tensor):
+        """(rows, latents, values) of the batch's top batch·k pre-activations, rows ascending."""
+        pre_activations = self.pre_activations(centered)
+        values, flat = pre_activations.view(-1).topk(len(centered) * self.k, sorted=False)
+        flat, order = flat.sort()
+        return flat // self.d_sae, flat % self.d_sae, values[order]
+
+    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                      variance: float | None = None) -> TrainOutput:
+        centered = x - self.b_dec.detach()
+        rows, latents, values = self._select_batch(centered)
+        self._track_threshold(values)
+        values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, rows,
+                                              latents).relu()
+        reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+        return self.losses(x, centered, reconstruction, padded_code(rows, latents, values, len(x)), dead_mask,
+                           variance)
+
+    @torch.no_grad()
+    def _track_threshold(self, selected: torch.Tensor) -> None:
+        positive = selected[selected > 0]
+        smallest = positive.min() if len(positive) else torch.zeros((), device=selected.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.AVG)
+        if self.threshold[0] < 0:
+            self.threshold.fill_(float(smallest))
+        else:
+            self.threshold.mul_(THRESHOLD_MOMENTUM).add_((1 - THRESHOLD_MOMENTUM) * smallest)
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Per-token codes without a batch: every latent above the learned threshold."""
+        pre_activations = self.pre_activations(x - self.b_dec)
+        rows, latents = (pre_activations > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
+        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+
+    def export_config(self) -> dict:
+        return {"architecture": "jumprelu"}  # threshold inference is exactly a JumpReLU
+
+    def export_extra(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.threshold.clamp_min(0).clone()}

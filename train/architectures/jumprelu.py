@@ -1,0 +1,117 @@
+"""JumpReLU (Rajamanoharan et al. 2024, the Gemma Scope dictionaries): a latent passes its
+pre-activation through only above its own learned threshold θ, and the loss penalises L0 directly.
+The step function has no useful gradient, so θ learns through straight-through estimators: a
+rectangle kernel of width ``bandwidth`` around θ stands in for the Dirac delta.
+
+Only (token, latent) pairs that are active or within half a bandwidth of θ enter autograd, so the
+k-sparsity is exploited as in TopK: the dense encoder matmul is the only dense work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.architectures import SparseCode, TrainOutput, register
+from train.architectures.parts import (
+    firing_counts,
+    fraction_of_variance_unexplained,
+    linear_warmup,
+    normalise_rows,
+    padded_code,
+    reconstruction_loss,
+    remove_parallel_gradient,
+    tied_init,
+)
+from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+
+
+@register("jumprelu")
+class JumpReLU(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, k: int, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
+                 sparsity_warmup: float = 0.05, initial_l0: float | None = None, seed: int = 0,
+                 **_ignored):
+        super().__init__()
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k = {k} is out of range; expected 1..d_sae ({d_sae})")
+        # k is the L0 the thresholds start at (see initialise_from); the L0 penalty then sets it.
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.l0_coefficient, self.bandwidth, self.sparsity_warmup = l0_coefficient, bandwidth, sparsity_warmup
+        self.initial_l0 = initial_l0 if initial_l0 is not None else k
+        decoder, encoder = tied_init(d_in, d_sae, seed)
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(encoder)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.threshold = nn.Parameter(torch.full((d_sae,), 1e-3))
+        self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
+
+    @torch.no_grad()
+    def initialise_from(self, batch: torch.Tensor) -> None:
+        """b_dec at the data mean; each θ at the quantile where its latent fires on k/d_sae of the
+        batch, so training starts near the target L0 instead of climbing from θ≈0 (half the
+        latents firing) at Adam's pace."""
+        self.b_dec.copy_(batch.mean(0))
+        pre_activations = self.pre_activations(batch - self.b_dec)
+        quantile = 1 - min(1.0, self.initial_l0 / self.d_sae)
+        self.threshold.copy_(pre_activations.float().quantile(quantile, dim=0).clamp_min(1e-3))
+
+    def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, centered, self.W_enc)
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        pre_activations = self.pre_activations(x - self.b_dec)
+        rows, latents = (pre_activations > self.threshold).nonzero(as_tuple=True)
+        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        return torch.nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values,
+                                                 mode="sum") + self.b_dec
+
+    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                      variance: float | None = None) -> TrainOutput:
+        centered = x - self.b_dec.detach()
+        pre_activations = self.pre_activations(centered)
+        threshold = self.threshold.detach()
+        active = pre_activations > threshold
+        near = (pre_activations - threshold).abs() < self.bandwidth / 2
+        rows, latents = (active | near).nonzero(as_tuple=True)
+        pair_active = active[rows, latents]
+        pair_near = near[rows, latents].to(x.dtype)
+        values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+                                              pre_activations[rows, latents], rows, latents)
+        # Straight-through terms, zero in the forward pass: d(value)/dθ = -θ/ε·K and d(step)/dθ =
+        # -1/ε·K, with K the rectangle kernel (1 within half a bandwidth of θ).
+        theta = self.threshold[latents]
+        moved = theta - theta.detach()
+        values = values * pair_active + moved * (-theta.detach() / self.bandwidth * pair_near)
+        steps = pair_active.to(x.dtype) + moved * (-pair_near / self.bandwidth)
+        reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+        error = reconstruction - x
+        fvu = fraction_of_variance_unexplained(error, x)
+        l0 = steps.sum() / len(x)
+        loss = reconstruction_loss(error, fvu, variance) + self.l0_coefficient * self.coefficient_scale * l0
+        code = padded_code(rows[pair_active], latents[pair_active], values.detach()[pair_active], len(x))
+        return TrainOutput(loss, reconstruction, code, fvu, {"fvu": float(fvu.detach()), "l0": float(l0.detach())},
+                           firing_counts(code.indices, code.values, self.d_sae))
+
+    forward = training_loss
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.coefficient_scale = linear_warmup(step, total_steps, self.sparsity_warmup)
+
+    def before_optimizer_step(self) -> None:
+        remove_parallel_gradient(self.W_dec)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        normalise_rows(self.W_dec)
+        self.threshold.clamp_(min=1e-4)  # θ ≤ 0 would make the latent a plain ReLU
+
+    def export_config(self) -> dict:
+        return {"architecture": "jumprelu"}
+
+    def export_extra(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.threshold.detach().clone()}  # pre-activations do not change when the
+        # normalisation is folded in, so neither does θ

@@ -1,0 +1,104 @@
+"""ReLU dictionary with a decoder-norm-weighted L1 penalty (Anthropic, "Training Sparse
+Autoencoders", April 2024 update): loss = ‖x − x̂‖² + λ·Σᵢ fᵢ‖dᵢ‖ with λ warmed up linearly over
+the first 5% of training, decoder rows free in norm (the penalty keeps them honest), small tied
+initialisation (rows of norm 0.1, encoder = decoder transpose).
+
+Early in training most latents fire, and dense autograd is fastest; once fewer than
+``SPARSE_BELOW`` of the (token, latent) pairs are active, only those pairs enter autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.architectures import SparseCode, TrainOutput, register
+from train.architectures.parts import (
+    fraction_of_variance_unexplained,
+    linear_warmup,
+    padded_code,
+    reconstruction_loss,
+    tied_init,
+)
+from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+
+SPARSE_BELOW = 0.05  # active fraction under which the sparse kernels beat dense matmuls
+
+
+@register("relu")
+class ReLU(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, l1_coefficient: float = 5.0, sparsity_warmup: float = 0.05,
+                 init_norm: float = 0.1, seed: int = 0, **_ignored):
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        self.l1_coefficient, self.sparsity_warmup = l1_coefficient, sparsity_warmup
+        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm=init_norm)
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(encoder)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
+        self.sparse_path = False  # both paths give the same gradients; see training_loss
+
+    @torch.no_grad()
+    def initialise_from(self, batch: torch.Tensor) -> None:
+        self.b_dec.copy_(batch.mean(0))  # not zero: no early steps spent learning the offset
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        with torch.no_grad():
+            pre_activations = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
+        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        return torch.nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values,
+                                                 mode="sum") + self.b_dec
+
+    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                      variance: float | None = None) -> TrainOutput:
+        centered = x - self.b_dec.detach()
+        decoder_norms = self.W_dec.norm(dim=1)
+        if self.sparse_path:
+            pre_activations = torch.addmm(self.b_enc.detach(), centered, self.W_enc.detach())
+            rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
+            values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+                                                  pre_activations[rows, latents], rows, latents)
+            reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+            l1 = (values * decoder_norms[latents]).sum() / len(x)
+            code = padded_code(rows, latents, values.detach(), len(x))
+            fired = torch.bincount(latents, minlength=self.d_sae)
+        else:
+            codes = torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
+            reconstruction = torch.addmm(self.b_dec, codes, self.W_dec)
+            l1 = (codes * decoder_norms).sum() / len(x)
+            code = None  # materialising a padded code of a dense batch would cost more than the step
+            fired = (codes.detach() > 0).sum(0)
+        # The next step takes the sparse path once this one was sparse enough.
+        self.sparse_path = float(fired.sum()) < SPARSE_BELOW * len(x) * self.d_sae
+        error = reconstruction - x
+        fvu = fraction_of_variance_unexplained(error, x)
+        # In the units of the reconstruction loss (per-token variance), so λ means what it means
+        # in the paper whatever the loss normalisation.
+        per_token_variance = variance if variance is not None else float((x - x.mean(0)).pow(2).sum(1).mean())
+        scale = 1.0 / per_token_variance
+        loss = reconstruction_loss(error, fvu, variance) + self.l1_coefficient * self.coefficient_scale * scale * l1
+        return TrainOutput(loss, reconstruction, code, fvu,
+                           {"fvu": float(fvu.detach()), "l1": float(l1.detach()),
+                            "l0": float(fired.sum()) / len(x)}, fired)
+
+    forward = training_loss
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.coefficient_scale = linear_warmup(step, total_steps, self.sparsity_warmup)
+
+    def before_optimizer_step(self) -> None:
+        pass  # decoder norms are free: the penalty weights each code by its row's norm
+
+    def after_step(self) -> None:
+        pass
+
+    def export_config(self) -> dict:
+        return {"architecture": "standard"}  # SAELens' name for a ReLU dictionary
+
+    def export_extra(self) -> dict[str, torch.Tensor]:
+        return {}
