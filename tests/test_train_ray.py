@@ -25,8 +25,8 @@ def store_url(tmp_path_factory):
 
 def config_for(run: str, store: str, workers: int, tokens: int | None = None,
                checkpoint_every: int = 10) -> TrainConfig:
-    return TrainConfig(run=run, store=store, width="4x", k=8, batch_size=512, buffer_rows=4096, log_every=5,
-                       lr=2e-3, workers=workers, checkpoint_every=checkpoint_every, tokens=tokens)
+    return TrainConfig(eval_tokens=0, run=run, store=store, width="4x", k=8, batch_size=512, buffer_rows=4096,
+                       log_every=5, lr=2e-3, workers=workers, checkpoint_every=checkpoint_every, tokens=tokens)
 
 
 def test_two_ddp_workers_give_the_same_dictionary_as_one(ray_cluster, store_url, tmp_path):
@@ -45,7 +45,7 @@ def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url,
     run = str(tmp_path / "killed")
     command = [sys.executable, "-m", "train", "--store", store_url, "--out", run, "--width", "4x", "--k", "8",
                "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--set", "buffer_rows=4096",
-               "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1"]
+               "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1", "--set", "eval_tokens=0"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "RAY_ADDRESS": ""})
     pattern = os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "state.pt")

@@ -94,8 +94,8 @@ def test_fit_from_a_store_exports_weights_that_take_raw_activations(tmp_path, ar
     truth, generator = ground_truth(), torch.Generator().manual_seed(2)
     raw = synthetic(20_000, truth, generator) * 37.0  # far from unit scale, like a real residual stream
     url = write_synthetic_store(str(tmp_path / "run"), raw, shards=3)
-    summary = fit(TrainConfig(run=str(tmp_path / "run"), store=url, architecture=architecture, width="8x", k=8,
-                              batch_size=512, lr=2e-3, workers=0,
+    summary = fit(TrainConfig(eval_tokens=0, run=str(tmp_path / "run"), store=url, architecture=architecture,
+                              width="8x", k=8, batch_size=512, lr=2e-3, workers=0,
                               buffer_rows=4096, log_every=10, lr_warmup_steps=5, extra=RECOVERY[architecture][0]))
     assert summary["steps"] == 39 and summary["final"]["fvu"] < 0.7  # learning, from 1.0 at step 1
     metrics = (tmp_path / "run" / "dictionaries" / summary["name"] / "metrics.jsonl").read_text().splitlines()
@@ -124,16 +124,16 @@ def test_bad_training_input_gets_clear_errors(tmp_path):
     vectors = synthetic(3000, truth, generator)
     url = write_synthetic_store(str(tmp_path / "good"), vectors, shards=2)
     with pytest.raises(ConfigError, match=r"k = 600 is out of range for 512 latents; expected 1\.\.512"):
-        fit(TrainConfig(run=str(tmp_path / "good"), store=url, width="8x", k=600))
+        fit(TrainConfig(eval_tokens=0, run=str(tmp_path / "good"), store=url, width="8x", k=600))
     with pytest.raises(ConfigError, match="width 'wide' is invalid"):
-        fit(TrainConfig(run=str(tmp_path / "good"), store=url, width="wide"))
+        fit(TrainConfig(eval_tokens=0, run=str(tmp_path / "good"), store=url, width="wide"))
     poisoned = vectors.clone()
     poisoned[2000, 3] = float("nan")  # lands in shard 1 of 2
     bad_url = write_synthetic_store(str(tmp_path / "bad"), poisoned, shards=2)
     with pytest.raises(StoreError, match=r"shard 1 \(part shard-000001-.*\) .* NaN or infinite"):
-        fit(TrainConfig(run=str(tmp_path / "bad"), store=bad_url, width="2x", k=4, batch_size=256, buffer_rows=1024,
-                        workers=0))
+        fit(TrainConfig(eval_tokens=0, run=str(tmp_path / "bad"), store=bad_url, width="2x", k=4, batch_size=256,
+                        buffer_rows=1024, workers=0))
     manifest = tmp_path / "good" / "activations" / "resid_post.0" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
     with pytest.raises(StoreError, match="is not complete"):
-        fit(TrainConfig(run=str(tmp_path / "good"), store=url, width="2x", k=4))
+        fit(TrainConfig(eval_tokens=0, run=str(tmp_path / "good"), store=url, width="2x", k=4))

@@ -83,4 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dictionary {summary['name']}: {summary['steps']} steps, FVU {final.get('fvu', float('nan')):.4f}, "
           f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', 0):.2%}\n"
           f"  exported (SAELens layout): {summary['folder']}/final")
+    evaluation = summary.get("evaluation") or {}
+    if evaluation:
+        print(f"  held-out ({evaluation['tokens']} tokens): CE clean {evaluation['ce_clean']:.4f}, spliced "
+              f"{evaluation['ce_spliced']:.4f} (ΔCE {evaluation['delta_ce']:+.4f}), zero-ablated "
+              f"{evaluation['ce_zero']:.4f}; CE recovered {evaluation['ce_recovered']:.1%}, KL {evaluation['kl']:.4f}, "
+              f"FVU {evaluation['fvu']:.4f}, L0 {evaluation['l0']:.1f}")
+    print(f"  curves and feature density: {summary['plot']}")
     return 0

@@ -31,6 +31,9 @@ class TrainConfig:
     checkpoint_every: int = knob(200, "steps between checkpoints (Ray Train); a re-run resumes from the newest")
     cpus_per_worker: float = knob(1.0, "CPUs reserved per training worker")
     device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    eval_tokens: int = knob(4096, "held-out tokens for the final ΔCE / CE-recovered / KL evaluation; 0 skips it")
+    eval_corpus: list[str] = knob([], "held-out text files for the evaluation (default: the harvest corpus's documents "
+                                 "after the harvested ones)")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
     extra: dict = field(default_factory=dict, metadata={"help": "architecture-specific options"})
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from harvest import storage
+from harvest.config import ConfigError
 from harvest.progress import Progress
 from harvest.store import ActivationStore, store_url
 from train.architectures import build
 from train.config import TrainConfig
 from train.data import data_variance, normalisation_scale, shuffled_batches
-from train.export import export_dictionary
+from train.export import export_dictionary, load_dictionary
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     config = dataclasses.replace(config, run=storage.absolute_url(config.run))
     store = ActivationStore(storage.absolute_url(resolve_store_url(config)), config.storage_options)
     config.validate(store.d_model)
+    if config.eval_tokens > 0 and not {"corpus", "context_length"} <= set(store.manifest):
+        # Found now rather than after training: the evaluation needs the harvest's model and corpus.
+        raise ConfigError(f"store {store.url} records no harvest corpus/context (not written by a harvest?); "
+                          "set train.eval_tokens: 0 to skip the held-out evaluation")
     d_sae = config.latents(store.d_model)
     scale = normalisation_scale(store)
     total_tokens = config.tokens or store.num_rows
@@ -212,15 +217,47 @@ class MetricsLog:
 
 
 def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
-    store = ActivationStore(plan.store_url, plan.config.storage_options)
-    training = {key: value for key, value in vars(plan.config).items() if key != "storage_options"}
+    """Export, then measure the exported dictionary (so the export itself is what is evaluated):
+    feature density on a sample of the store, the held-out evaluation, and the training plot."""
+    from train.evaluate import evaluate_dictionary
+    from train.plot import plot_training
+
+    config = plan.config
+    store = ActivationStore(plan.store_url, config.storage_options)
+    training = {key: value for key, value in vars(config).items() if key != "storage_options"}
     metadata = {"lexica_store": store.url, "hook": store.hook, "model": store.manifest["model"],
                 "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": plan.name,
                 "training": {**training, "steps": plan.total_steps}}
-    export_dictionary(dictionary.cpu(), plan.scale, storage.join(plan.folder, "final"), metadata,
-                      plan.config.storage_options)
+    final_url = storage.join(plan.folder, "final")
+    export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options)
+    exported = load_dictionary(final_url, config.storage_options)
+    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+    density = feature_density(exported, store)
+    storage.write_json(fs, storage.join(folder, "feature_density.json"), density.tolist())
+    evaluation = {}
+    if config.eval_tokens > 0:
+        evaluation = evaluate_dictionary(exported, store.manifest, config.eval_tokens, config.eval_corpus,
+                                         config.device, config.storage_options)
+        storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
+    plot_url = plot_training(plan.folder, storage_options=config.storage_options)
     return {"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last, "scale": plan.scale,
-            "steps": plan.total_steps, "dictionary": dictionary}
+            "steps": plan.total_steps, "dictionary": dictionary, "evaluation": evaluation,
+            "density": density, "plot": plot_url}
+
+
+@torch.no_grad()
+def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tokens: int = 65536) -> torch.Tensor:
+    """Per-latent firing frequency of the final dictionary on (up to) the first ``max_tokens`` of
+    the store: measured after training, not averaged over a run that kept changing."""
+    counts = torch.zeros(dictionary.d_sae, dtype=torch.long)
+    seen = 0
+    for batch in store.iter_batches(batch_rows=4096):
+        code = dictionary.encode(batch.activation.float())
+        counts += torch.bincount(code.indices[code.values > 0], minlength=dictionary.d_sae)
+        seen += len(batch.activation)
+        if seen >= max_tokens:
+            break
+    return counts.double() / max(seen, 1)
 
 
 def fit(config: TrainConfig) -> dict:

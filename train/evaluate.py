@@ -1,0 +1,179 @@
+"""How much of the model's behaviour a dictionary keeps: run the whole model on held-out text with
+the hooked activations replaced by the dictionary's reconstruction, and by zeros.
+
+- ``ce_clean``: next-token cross-entropy of the untouched model;
+- ``ce_spliced``: with the reconstruction spliced in; ``delta_ce`` = ce_spliced − ce_clean;
+- ``ce_zero``: with the activations zeroed; ``ce_recovered`` = (ce_zero − ce_spliced) /
+  (ce_zero − ce_clean): 1 is a perfect dictionary, 0 no better than deleting the layer;
+- ``kl``: mean KL(clean ‖ spliced) of the next-token distributions;
+- ``fvu`` and ``l0`` of the dictionary on the same held-out activations.
+
+Held-out text is the harvest corpus's documents after the harvested ones (or files the user names).
+Positions holding a prepended BOS are never spliced (the store never holds them, so the dictionary
+never saw them) and the predictions made there are not scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from harvest.config import CorpusConfig, ModelConfig
+from harvest.corpus import plan_shards, read_shard
+from harvest.hooks import first_tensor, hook_module, parse_hook
+from harvest.packing import split_windows, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def held_out_documents(manifest: dict, paths: list[str], tokens: int, context_length: int,
+                       storage_options: dict | None = None) -> list[tuple[int, str]]:
+    """Documents for evaluation: ``paths`` when given, else the harvest corpus after the harvested
+    documents; about ``tokens`` tokens' worth (estimated at 4 characters per token)."""
+    corpus = CorpusConfig(**{key: value for key, value in manifest["corpus"].items()
+                             if key in {f.name for f in dataclasses.fields(CorpusConfig)}})
+    if paths:
+        corpus, skip = dataclasses.replace(corpus, paths=list(paths), dataset=None, max_documents=None), 0
+    elif corpus.max_documents is None:
+        return []  # the store holds the whole corpus: nothing is held out
+    else:
+        corpus, skip = dataclasses.replace(corpus, max_documents=None), corpus.max_documents
+    corpus = dataclasses.replace(corpus, docs_per_shard=8)
+    plan = plan_shards(corpus, storage_options)
+    documents, characters = [], 0
+    for shard in range(skip // corpus.docs_per_shard, len(plan.shards)):
+        for doc_id, text in read_shard(plan, shard, corpus, storage_options).documents:
+            if doc_id >= skip and characters < 4 * tokens:
+                documents.append((doc_id, text))
+                characters += len(text)
+        if characters >= 4 * tokens:
+            break
+    return documents
+
+
+def evaluation_windows(tokenizer, documents, tokens: int, context_length: int, bos: bool) -> list[torch.Tensor]:
+    window_tokens = context_length - (1 if bos else 0)
+    windows, total = [], 0
+    for window in split_windows(tokenize(tokenizer, documents), window_tokens):
+        if len(window.token_ids) < 2 or total >= tokens:
+            continue
+        ids = torch.as_tensor(window.token_ids, dtype=torch.long)
+        if bos:
+            ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+        windows.append(ids)
+        total += len(ids)
+    return windows
+
+
+class Splice:
+    """A forward hook that replaces the hook point's activations (from ``first`` on) by
+    ``replace(activations)``; with ``replace=None`` it only records them."""
+
+    def __init__(self, model: torch.nn.Module, hook_name: str, n_layers: int):
+        hook = parse_hook(hook_name, n_layers)
+        self.module, self.pre = hook_module(model, hook), hook.kind == "resid_pre"
+        self.replace, self.first, self.seen = None, 0, None
+
+    def _swap(self, value: torch.Tensor) -> torch.Tensor:
+        self.seen = value.detach()
+        if self.replace is None:
+            return value
+        swapped = value.clone()
+        swapped[:, self.first:] = self.replace(value[:, self.first:]).to(value.dtype)
+        return swapped
+
+    def _after(self, module, args, output):
+        tensor = first_tensor(output)
+        swapped = self._swap(tensor)
+        if isinstance(output, torch.Tensor):
+            return swapped
+        return (swapped, *output[1:])
+
+    def _before(self, module, args, kwargs):
+        if args:
+            return (self._swap(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._swap(kwargs["hidden_states"])}
+
+    def __enter__(self) -> Splice:
+        if self.pre:
+            self.handle = self.module.register_forward_pre_hook(self._before, with_kwargs=True)
+        else:
+            self.handle = self.module.register_forward_hook(self._after)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def reconstruct(dictionary: torch.nn.Module):
+    def replace(activations: torch.Tensor) -> torch.Tensor:
+        flat = activations.reshape(-1, activations.shape[-1]).float()
+        return dictionary.decode(dictionary.encode(flat)).reshape(activations.shape)
+
+    return replace
+
+
+@torch.no_grad()
+def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int = 4096,
+                        paths: list[str] | None = None, device: str = "auto",
+                        storage_options: dict | None = None) -> dict:
+    """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation folded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harvest.model import resolve_device
+
+    model_facts = manifest["model"]
+    model_config = ModelConfig(path=model_facts["id"], revision=model_facts.get("revision"))
+    device = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_config.path, revision=model_config.revision)
+    model = AutoModelForCausalLM.from_pretrained(model_config.path, revision=model_config.revision,
+                                                 dtype=torch.float32).to(device).eval()
+    dictionary = dictionary.to(device)
+    bos = bool(manifest.get("bos", {}).get("prepend"))
+    documents = held_out_documents(manifest, paths or [], tokens, manifest["context_length"], storage_options)
+    windows = evaluation_windows(tokenizer, documents, tokens, manifest["context_length"], bos)
+    if not windows:
+        log.warning("no held-out text to evaluate on (the store holds the whole corpus); set train.eval_corpus")
+        return {}
+    n_layers = model.config.num_hidden_layers
+    splice = Splice(model, manifest["hook"], n_layers)
+    splice.first = 1 if bos else 0
+    totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "error": 0.0, "variance": 0.0,
+              "l0": 0.0, "activations": 0}
+    scored = 0
+    activation_sum = None
+    activation_square_sum = 0.0
+    with splice:
+        for ids in windows:
+            batch = ids.unsqueeze(0).to(device)
+            targets = batch[:, splice.first + 1:]
+            splice.replace = None
+            clean = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
+            activations = splice.seen[0, splice.first:].float()
+            splice.replace = reconstruct(dictionary)
+            spliced = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
+            splice.replace = torch.zeros_like
+            zero = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
+            for name, logits in (("ce_clean", clean), ("ce_spliced", spliced), ("ce_zero", zero)):
+                totals[name] += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
+            clean_log_probs, spliced_log_probs = clean.log_softmax(-1), spliced.log_softmax(-1)
+            totals["kl"] += float((clean_log_probs.exp() * (clean_log_probs - spliced_log_probs)).sum())
+            scored += targets.shape[1]
+            code = dictionary.encode(activations)
+            totals["error"] += float((dictionary.decode(code) - activations).pow(2).sum())
+            totals["l0"] += float((code.values > 0).sum())
+            totals["activations"] += len(activations)
+            activation_sum = activations.sum(0) if activation_sum is None else activation_sum + activations.sum(0)
+            activation_square_sum += float(activations.pow(2).sum())
+    count = totals["activations"]
+    total_variance = activation_square_sum - float(activation_sum.pow(2).sum()) / count
+    result = {name: totals[name] / scored for name in ("ce_clean", "ce_spliced", "ce_zero", "kl")}
+    result["delta_ce"] = result["ce_spliced"] - result["ce_clean"]
+    gap = result["ce_zero"] - result["ce_clean"]
+    result["ce_recovered"] = (result["ce_zero"] - result["ce_spliced"]) / gap if gap > 0 else math.nan
+    result.update({"fvu": totals["error"] / total_variance, "l0": totals["l0"] / count, "tokens": scored,
+                   "documents": len(documents), "doc_ids": [documents[0][0], documents[-1][0]]})
+    return result
