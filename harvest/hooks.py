@@ -95,7 +95,7 @@ class _StopForward(Exception):
     pass
 
 
-def _first_tensor(value: object) -> torch.Tensor:
+def first_tensor(value: object) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -120,7 +120,7 @@ class Capture:
             value = args[0] if args else kwargs.get("hidden_states")
         else:
             value = output
-        self._captured = _first_tensor(value)
+        self._captured = first_tensor(value)
         raise _StopForward
 
     def __call__(self, **model_inputs) -> torch.Tensor:
