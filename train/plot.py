@@ -1,7 +1,7 @@
 """``python -m train plot FOLDER``: draw a dictionary's training curves and feature-density histogram to a PNG.
 
 Reads ``metrics.jsonl`` (one JSON object per logged step) and, when the loop wrote it,
-``feature_density.json`` (each latent's firing frequency over the last window).
+``feature_density.json`` (each latent's firing frequency, measured on a store sample after training).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def draw_density(axes, frequencies: np.ndarray) -> None:
     if len(firing):
         axes.hist(np.log10(firing), bins=50)
     axes.axvline(math.log10(DENSE_FREQUENCY), color="tab:red", linestyle="--", label=f"dense (> {DENSE_FREQUENCY})")
-    axes.set_title(f"feature density: {len(frequencies)} latents, {silent} never fired in the window")
+    axes.set_title(f"feature density: {len(frequencies)} latents, {silent} never fired in the sample")
     axes.set_xlabel("log10 firing frequency (per token)")
     axes.set_ylabel("latents")
     axes.legend(fontsize="small")
