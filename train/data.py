@@ -8,6 +8,9 @@ own seeded generator. So a run is reproducible, and a resumed run can replay to 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -86,3 +89,51 @@ def _emit_block(pending: list[torch.Tensor], seed: int, epoch: int, block_index:
             continue
         yield block[start:start + batch_size].to(device=device, dtype=torch.float32) * scale
     carry[0] = block[full:]
+
+
+class Prefetcher:
+    """Produce the next batches on a background thread while the current step runs (reading
+    Parquet, decoding fp16 and permuting release the GIL), and account the time the training
+    loop still waits: ``waited`` seconds over ``calls`` batches."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[torch.Tensor], depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.waited, self.calls = 0.0, 0
+        self._thread = threading.Thread(target=self._fill, args=(batches,), name="lexica-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, batches: Iterator[torch.Tensor]) -> None:
+        try:
+            for batch in batches:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it as its own
+            self._queue.put(error)
+            return
+        self._queue.put(self._DONE)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        started = time.perf_counter()
+        item = self._queue.get()
+        self.waited += time.perf_counter() - started
+        self.calls += 1
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()

@@ -23,7 +23,7 @@ from harvest.progress import Progress
 from harvest.store import ActivationStore, store_url
 from train.architectures import build
 from train.config import TrainConfig
-from train.data import data_variance, normalisation_scale, shuffled_batches
+from train.data import Prefetcher, data_variance, normalisation_scale, shuffled_batches
 from train.export import export_dictionary, load_dictionary
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,8 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
     config = plan.config
     store = ActivationStore(plan.store_url, config.storage_options)
     dictionary = new_dictionary(plan, device)
-    batches = shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device,
-                               skip_batches=resume["step"] if resume else 0)
+    batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale,
+                                          device, skip_batches=resume["step"] if resume else 0))
     rows = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=plan.peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
     tracker = FiringTracker.create(plan.d_sae, device)
@@ -160,37 +160,44 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         dictionary.initialise_from(first)
     model = wrap(dictionary) if wrap else dictionary
     progress = Progress("train", plan.total_steps, "steps", interval=5.0)
-    started = time.monotonic()
-    for step in range(start_step, plan.total_steps):
-        batch = next(batches)[rows]
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps,
-                                        config.lr_decay_fraction)
-        dictionary.begin_step(step, plan.total_steps)
-        dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
-        output = train_step(model, optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
-        tracker.update(output.fired, tokens=config.batch_size)
-        done = step + 1
-        metrics = None
-        if done % config.log_every == 0 or done == plan.total_steps:
-            frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
-            metrics = {"step": done, "tokens": done * config.batch_size, "loss": float(output.loss.detach()),
-                       **output.terms,
-                       "dead_fraction": float(dead_mask.float().mean()),
-                       "dense_fraction": float((frequencies > 0.1).float().mean()),
-                       "lr": optimizer.param_groups[0]["lr"],
-                       "tokens_per_second": (done - start_step) * config.batch_size / (time.monotonic() - started)}
-            tracker.reset_window()
-        state = None
-        if done == plan.total_steps or (checkpoint_every and done % checkpoint_every == 0):
-            state = {"step": done, "dictionary": dictionary.state_dict(), "optimizer": optimizer.state_dict(),
-                     "tokens_since_fired": tracker.tokens_since_fired.clone()}
-        if on_report and (metrics or state):
-            on_report(metrics, state)
-        if rank == 0:
-            progress.update(done, done * config.batch_size,
-                            f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
-                            final=done == plan.total_steps)
+    started = window_started = time.monotonic()
+    window_waited = 0.0
+    try:
+        for step in range(start_step, plan.total_steps):
+            batch = next(batches)[rows]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps,
+                                            config.lr_decay_fraction)
+            dictionary.begin_step(step, plan.total_steps)
+            dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
+            output = train_step(model, optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
+            tracker.update(output.fired, tokens=config.batch_size)
+            done = step + 1
+            metrics = None
+            if done % config.log_every == 0 or done == plan.total_steps:
+                frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
+                metrics = {"step": done, "tokens": done * config.batch_size, "loss": float(output.loss.detach()),
+                           **output.terms,
+                           "dead_fraction": float(dead_mask.float().mean()),
+                           "dense_fraction": float((frequencies > 0.1).float().mean()),
+                           "lr": optimizer.param_groups[0]["lr"],
+                           "tokens_per_second": (done - start_step) * config.batch_size / (time.monotonic() - started),
+                           # Time the loop sat waiting for data; the prefetch thread should keep it near 0.
+                           "data_wait_fraction": (batches.waited - window_waited) / (time.monotonic() - window_started)}
+                tracker.reset_window()
+                window_started, window_waited = time.monotonic(), batches.waited
+            state = None
+            if done == plan.total_steps or (checkpoint_every and done % checkpoint_every == 0):
+                state = {"step": done, "dictionary": dictionary.state_dict(), "optimizer": optimizer.state_dict(),
+                         "tokens_since_fired": tracker.tokens_since_fired.clone()}
+            if on_report and (metrics or state):
+                on_report(metrics, state)
+            if rank == 0:
+                progress.update(done, done * config.batch_size,
+                                f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
+                                final=done == plan.total_steps)
+    finally:
+        batches.close()
     return dictionary
 
 

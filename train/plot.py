@@ -21,7 +21,7 @@ from harvest import storage
 # not named here is taken for a loss term, so a new architecture's terms appear without edits.
 PANELS = [
     ("L0 (active latents per token)", ["l0"], False),
-    ("dead & dense fraction", ["dead_fraction", "dense_fraction"], False),
+    ("dead & dense latents, data wait (fractions)", ["dead_fraction", "dense_fraction", "data_wait_fraction"], False),
     ("learning rate", ["lr"], False),
     ("tokens per second", ["tokens_per_second"], False),
 ]
