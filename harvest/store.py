@@ -368,6 +368,13 @@ class ActivationStore:
         if parquet.metadata.num_rows != commit.rows:
             raise StoreError(f"part {commit.part} holds {parquet.metadata.num_rows} rows but its commit record "
                              f"says {commit.rows}; the store at {self.url} is damaged")
+        # fp16 and bf16 rows have the same width: only the part's own record tells them apart.
+        recorded = parquet.schema_arrow.metadata or {}
+        for key, wanted in (("dtype", self.manifest["dtype"]), ("d_model", str(self.d_model))):
+            found = recorded.get(f"lexica.{key}".encode(), b"").decode()
+            if found and found != wanted:
+                raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} holds {key} {found} but "
+                                 f"the manifest says {wanted}; the store mixes harvests (re-harvest with --overwrite)")
         return parquet
 
     @contextlib.contextmanager

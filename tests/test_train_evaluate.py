@@ -31,7 +31,7 @@ def trained_tiny_model(source, folder, texts: list[str]):
     ids = [torch.tensor([tokenizer.bos_token_id] + tokenizer(text)["input_ids"][:CONTEXT - 1]) for text in texts]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for step in range(60):
+    for _ in range(60):
         batch = torch.nn.utils.rnn.pad_sequence([ids[i] for i in torch.randperm(len(ids))[:16]], batch_first=True,
                                                 padding_value=tokenizer.pad_token_id)
         loss = model(input_ids=batch, labels=batch.masked_fill(batch == tokenizer.pad_token_id, -100)).loss

@@ -271,7 +271,7 @@ def fit(config: TrainConfig) -> dict:
     """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
     plan = plan_training(config)
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
-    fs.makedirs(folder, exist_ok=True)
+    storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
     if config.workers == 0:
         metrics_log = MetricsLog(plan)
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
