@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from train.architectures import SparseCode, TrainOutput, register
-from train.architectures.parts import padded_code
+from train.architectures.parts import padded_code, threshold_code
 from train.architectures.topk import TopK
 from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
 
@@ -55,9 +55,7 @@ class BatchTopK(TopK):
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Per-token codes without a batch: every latent above the learned threshold."""
-        pre_activations = self.pre_activations(x - self.b_dec)
-        rows, latents = (pre_activations > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
-        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+        return threshold_code(self.pre_activations(x - self.b_dec), self.threshold.clamp_min(0))
 
     def export_config(self) -> dict:
         return {"architecture": "jumprelu"}  # threshold inference is exactly a JumpReLU

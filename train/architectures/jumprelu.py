@@ -21,9 +21,10 @@ from train.architectures.parts import (
     padded_code,
     reconstruction_loss,
     remove_parallel_gradient,
+    threshold_code,
     tied_init,
 )
-from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+from train.sparse import select_flat_with_sparse_grad, sparse_decode, sparse_decode_flat
 
 
 @register("jumprelu")
@@ -61,13 +62,10 @@ class JumpReLU(nn.Module):
             return torch.addmm(self.b_enc, centered, self.W_enc)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        pre_activations = self.pre_activations(x - self.b_dec)
-        rows, latents = (pre_activations > self.threshold).nonzero(as_tuple=True)
-        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+        return threshold_code(self.pre_activations(x - self.b_dec), self.threshold)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        return torch.nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values,
-                                                 mode="sum") + self.b_dec
+        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:

@@ -63,3 +63,9 @@ def linear_warmup(step: int, total_steps: int, fraction: float) -> float:
     """0 → 1 over the first ``fraction`` of training (sparsity-coefficient warm-up)."""
     ramp = total_steps * fraction
     return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
+
+
+def threshold_code(pre_activations: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:
+    """Inference codes of threshold architectures: every pre-activation above its threshold."""
+    rows, latents = (pre_activations > threshold).nonzero(as_tuple=True)
+    return padded_code(rows, latents, pre_activations[rows, latents], len(pre_activations))

@@ -18,9 +18,10 @@ from train.architectures.parts import (
     linear_warmup,
     padded_code,
     reconstruction_loss,
+    threshold_code,
     tied_init,
 )
-from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+from train.sparse import select_flat_with_sparse_grad, sparse_decode, sparse_decode_flat
 
 SPARSE_BELOW = 0.05  # active fraction under which the sparse kernels beat dense matmuls
 
@@ -46,13 +47,10 @@ class ReLU(nn.Module):
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         with torch.no_grad():
-            pre_activations = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
-        rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
-        return padded_code(rows, latents, pre_activations[rows, latents], len(x))
+            return threshold_code(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc), 0.0)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        return torch.nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values,
-                                                 mode="sum") + self.b_dec
+        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
