@@ -77,3 +77,11 @@ def test_unwritable_run_url_is_named_before_training(tmp_path, store):
         with pytest.raises(StorageError, match=rf"cannot write to {re.escape(str(run))}/dictionaries/"):
             fit(small_config(run, url))
     assert blocker.read_text() == "not a folder"
+
+
+def test_unknown_or_missing_tracker_is_named_before_training(tmp_path, store):
+    from harvest.config import ConfigError
+
+    _, url = store
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorboardx'; available: mlflow"):
+        fit(small_config(tmp_path / "run", url, trackers=["tensorboardx"]))

@@ -91,11 +91,21 @@ def test_a_perfect_dictionary_recovers_everything_and_a_zero_one_nothing(tiny_mo
     assert ablated["kl"] > 0.01 and ablated["fvu"] >= 1  # b_dec = 0: the mean is missed too
 
 
-def test_training_on_a_harvested_store_reports_evaluation_density_and_plot(harvested):
+def test_training_on_a_harvested_store_reports_evaluation_density_and_plot(harvested, tmp_path, monkeypatch):
     run, store = harvested
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking = f"file://{tmp_path / 'mlruns'}"
     summary = fit(TrainConfig(run=str(run), store=store.url, architecture="topk", width="4x", k=8, batch_size=256,
-                              tokens=40 * 256, lr=3e-3, workers=0, buffer_rows=2048, log_every=10, eval_tokens=300))
+                              tokens=40 * 256, lr=3e-3, workers=0, buffer_rows=2048, log_every=10, eval_tokens=300,
+                              trackers=["mlflow"], tracking_uri=tracking))
     evaluation = summary["evaluation"]
+    # The evaluation lands in the same MLflow run as the training curves.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("lexica").experiment_id])
+    assert tracked.data.metrics["eval/ce_recovered"] == pytest.approx(evaluation["ce_recovered"])
+    assert tracked.data.metrics["fvu"] == pytest.approx(summary["final"]["fvu"])
     assert evaluation["ce_clean"] < evaluation["ce_spliced"] < evaluation["ce_zero"]
     assert 0 < evaluation["ce_recovered"] < 1 and evaluation["kl"] > 0 and evaluation["l0"] <= 8
     folder = run / "dictionaries" / summary["name"]

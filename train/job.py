@@ -33,7 +33,7 @@ def _worker_entry(values: dict) -> None:
         with checkpoint.as_directory() as folder:
             # Our own checkpoint, read tensors-only: weights_only refuses arbitrary pickled objects.
             resume = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=True)
-    metrics_log = MetricsLog(plan) if rank == 0 else None
+    metrics_log = MetricsLog(plan, track=True) if rank == 0 else None
 
     def report(metrics: dict | None, state: dict | None) -> None:
         if metrics and metrics_log is not None:
@@ -47,10 +47,13 @@ def _worker_entry(values: dict) -> None:
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"step": state["step"], **(metrics or {})}, checkpoint=checkpoint_out)
 
-    dictionary = train_worker(plan, rank, world, device, resume,
-                              wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
-                              on_report=report, checkpoint_every=plan.config.checkpoint_every)
-    del dictionary
+    try:
+        train_worker(plan, rank, world, device, resume,
+                     wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
+                     on_report=report, checkpoint_every=plan.config.checkpoint_every)
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
 
 
 def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:

@@ -109,6 +109,11 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     config = dataclasses.replace(config, run=storage.absolute_url(config.run))
     store = ActivationStore(storage.absolute_url(resolve_store_url(config)), config.storage_options)
     config.validate(store.d_model)
+    if config.trackers:
+        from train.trackers import check_trackers, driver_tracking_uri
+
+        check_trackers(config.trackers)
+        config = dataclasses.replace(config, tracking_uri=config.tracking_uri or driver_tracking_uri())
     if config.eval_tokens > 0 and not {"corpus", "context_length"} <= set(store.manifest):
         # Found now rather than after training: the evaluation needs the harvest's model and corpus.
         raise ConfigError(f"store {store.url} records no harvest corpus/context (not written by a harvest?); "
@@ -202,21 +207,42 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
 
 
 class MetricsLog:
-    """metrics.jsonl of a dictionary, rewritten whole each time (object stores cannot append)."""
+    """metrics.jsonl of a dictionary, rewritten whole each time (object stores cannot append),
+    mirrored to the configured experiment trackers when ``track`` is set."""
 
-    def __init__(self, plan: TrainingPlan):
+    def __init__(self, plan: TrainingPlan, track: bool = False):
         self.fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
         self.path = storage.join(folder, "metrics.jsonl")
+        self.trackers_path = storage.join(folder, "trackers.json")
         self.lines: list[str] = []
         if storage.exists(self.fs, self.path):
             with self.fs.open(self.path, "rb") as handle:
                 self.lines = handle.read().decode().splitlines()
+        self.trackers = []
+        if track and plan.config.trackers:
+            from train.trackers import open_trackers
+
+            run_ids = storage.read_json(self.fs, self.trackers_path) if storage.exists(self.fs, self.trackers_path) \
+                else {}
+            self.trackers = open_trackers(plan.config, plan.name, run_ids)
+            storage.write_json(self.fs, self.trackers_path, {tracker.name: tracker.run_id for tracker in self.trackers})
 
     def add(self, metrics: dict) -> None:
         # A resumed run repeats nothing: drop lines from steps at or after this one.
         self.lines = [line for line in self.lines if json.loads(line)["step"] < metrics["step"]]
         self.lines.append(json.dumps(metrics))
         storage.write_bytes(self.fs, self.path, ("\n".join(self.lines) + "\n").encode())
+        for tracker in self.trackers:
+            tracker.log(metrics)
+
+    def add_summary(self, values: dict, step: int) -> None:
+        """Values for the trackers only (metrics.jsonl holds training lines)."""
+        for tracker in self.trackers:
+            tracker.log({"step": step, **values})
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     @property
     def last(self) -> dict:
@@ -246,6 +272,11 @@ def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
         evaluation = evaluate_dictionary(exported, store.manifest, config.eval_tokens, config.eval_corpus,
                                          config.device, config.storage_options)
         storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
+        if config.trackers:
+            metrics_log = MetricsLog(plan, track=True)  # continues the training's tracker run
+            metrics_log.add_summary({f"eval/{key}": value for key, value in evaluation.items()
+                                     if isinstance(value, float)}, step=plan.total_steps)
+            metrics_log.close()
     plot_url = plot_training(plan.folder, storage_options=config.storage_options)
     return {"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last, "scale": plan.scale,
             "steps": plan.total_steps, "dictionary": dictionary, "evaluation": evaluation,
@@ -273,11 +304,14 @@ def fit(config: TrainConfig) -> dict:
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
     storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
     if config.workers == 0:
-        metrics_log = MetricsLog(plan)
+        metrics_log = MetricsLog(plan, track=True)
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if config.device == "auto" else config.device)
-        dictionary = train_worker(plan, device=device,
-                                  on_report=lambda metrics, state: metrics and metrics_log.add(metrics))
+        try:
+            dictionary = train_worker(plan, device=device,
+                                      on_report=lambda metrics, state: metrics and metrics_log.add(metrics))
+        finally:
+            metrics_log.close()
         return finish(plan, dictionary)
     from train.job import run_ray_training
 
