@@ -23,14 +23,16 @@ def store_url(tmp_path_factory):
     return write_synthetic_store(str(tmp_path_factory.mktemp("train-store") / "run"), raw, shards=3)
 
 
-def config_for(run: str, store: str, workers: int, tokens: int | None = None,
-               checkpoint_every: int = 10) -> TrainConfig:
+def config_for(run: str, store: str, workers: int, tokens: int | None = None, checkpoint_every: int = 10,
+               data_lanes: int | None = None) -> TrainConfig:
     return TrainConfig(eval_tokens=0, run=run, store=store, width="4x", k=8, batch_size=512, buffer_rows=4096,
-                       log_every=5, lr=2e-3, workers=workers, checkpoint_every=checkpoint_every, tokens=tokens)
+                       log_every=5, lr=2e-3, workers=workers, checkpoint_every=checkpoint_every, tokens=tokens,
+                       data_lanes=data_lanes)
 
 
 def test_two_ddp_workers_give_the_same_dictionary_as_one(ray_cluster, store_url, tmp_path):
-    one = fit(config_for(str(tmp_path / "one"), store_url, workers=1))["dictionary"].state_dict()
+    # Two data lanes: one worker reads both, each of two workers reads one (half the store).
+    one = fit(config_for(str(tmp_path / "one"), store_url, workers=1, data_lanes=2))["dictionary"].state_dict()
     two = fit(config_for(str(tmp_path / "two"), store_url, workers=2))["dictionary"].state_dict()
     for name, tensor in one.items():
         # Same global batches, gradients averaged over halves: only summation order differs.

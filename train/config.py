@@ -23,6 +23,9 @@ class TrainConfig:
     lr_decay_fraction: float = knob(0.2, "fraction of training at the end with linear decay to zero")
     seed: int = knob(0, "seed of initialisation and data order")
     buffer_rows: int = knob(262144, "tokens per shuffle block (token-level shuffling buffer)")
+    data_lanes: int | None = knob(None, "independent data streams, each reading its own parts (default: workers); "
+                                        "each worker reads only its lanes, and the same lanes give the same batches "
+                                        "whatever the number of workers")
     dead_tokens: int | None = knob(None, "a latent is dead after this many tokens without firing (default "
                                          "min(10M, tokens/4))")
     aux_coefficient: float = knob(1 / 32, "weight of the AuxK loss for dead latents")
@@ -50,12 +53,19 @@ class TrainConfig:
             raise ConfigError(f"width {self.width!r} gives {count} latents; expected at least 1")
         return count
 
+    def lanes(self) -> int:
+        return self.data_lanes or max(1, self.workers)
+
     def validate(self, d_model: int) -> TrainConfig:
         latents = self.latents(d_model)
         if not 1 <= self.k <= latents:
             raise ConfigError(f"k = {self.k} is out of range for {latents} latents; expected 1..{latents}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size} is invalid; expected >= 1")
+        lanes, workers = self.lanes(), max(1, self.workers)
+        if lanes % workers or self.batch_size % lanes:
+            raise ConfigError(f"data_lanes = {lanes} must be a multiple of workers ({workers}) and divide batch_size "
+                              f"({self.batch_size})")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction = {self.lr_decay_fraction} is invalid; expected 0..1")
         return self

@@ -26,12 +26,22 @@ def normalisation_scale(store: ActivationStore) -> float:
     return math.sqrt(store.d_model) / statistics["mean_norm"]
 
 
-def _row_stream(store: ActivationStore, epoch: int, seed: int, read_rows: int) -> Iterator[torch.Tensor]:
+def _lane_commits(store: ActivationStore, lanes: int) -> list:
     commits = [commit for commit in store.commits() if commit.rows]
     if not commits:
         raise StoreError(f"store {store.url} has no committed rows to train on")
+    if lanes > len(commits):
+        raise StoreError(f"store {store.url} has {len(commits)} committed parts, fewer than the {lanes} data lanes; "
+                         "use fewer workers/data_lanes or harvest with smaller docs_per_shard")
+    return commits
+
+
+def _row_stream(store: ActivationStore, commits: list, epoch: int, seed: int, lane: int, lanes: int,
+                read_rows: int) -> Iterator[torch.Tensor]:
+    """Rows of this lane's parts for one epoch: the epoch's seeded permutation of all parts, dealt
+    to the lanes like cards (lane r gets every lanes-th part from the r-th)."""
     order = torch.randperm(len(commits), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    for index in order.tolist():
+    for index in order.tolist()[lane::lanes]:
         commit = commits[index]
         for batch in store.iter_batches(batch_rows=read_rows, shards=[commit.shard]):
             if not torch.isfinite(batch.activation).all():
@@ -48,47 +58,72 @@ def data_variance(store: ActivationStore, scale: float) -> float:
 
 
 def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int, scale: float,
-                     device: torch.device | str = "cpu", skip_batches: int = 0) -> Iterator[torch.Tensor]:
-    """Endless float32 batches [batch_size, d_model] of normalised activations.
+                     device: torch.device | str = "cpu", skip_batches: int = 0, lanes: int = 1,
+                     lane_ids: list[int] | None = None) -> Iterator[torch.Tensor]:
+    """Endless float32 batches of normalised activations.
 
-    ``skip_batches`` resumes the same sequence part-way (a resumed run sees the same data order).
+    The stream is made of ``lanes`` independent lanes, each reading its own parts and shuffling
+    its own blocks; a global batch is the concatenation of every lane's batch_size/lanes rows. A
+    data-parallel worker reads only its lanes (``lane_ids``), so N workers read the store once
+    between them, and one worker reading all lanes sees exactly the batches N workers see
+    together. ``skip_batches`` resumes the same sequence part-way.
     """
-    skip = [skip_batches]
-    epoch = 0
+    if batch_size % lanes:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {lanes} data lanes")
+    commits = _lane_commits(store, lanes)
+    streams = [_lane_batches(store, commits, batch_size // lanes, max(1, buffer_rows // lanes), seed, lane, lanes)
+               for lane in (range(lanes) if lane_ids is None else lane_ids)]
+    skipped = 0
+    while True:
+        parts = [next(stream) for stream in streams]
+        if skipped < skip_batches:
+            skipped += 1
+            continue
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        yield batch.to(device=device, dtype=torch.float32) * scale
+
+
+def _lane_batches(store: ActivationStore, commits: list, batch_rows: int, buffer_rows: int, seed: int, lane: int,
+                  lanes: int) -> Iterator[torch.Tensor]:
+    """One lane's endless batches (store dtype, not yet normalised): blocks of ``buffer_rows``,
+    each permuted with its own seeded generator, rows left over carried into the next block."""
     carry = torch.empty(0, store.d_model, dtype=store.dtype)
+    epoch = 0
     while True:
         block_index = 0
         pending: list[torch.Tensor] = []
         pending_rows = 0
-        for rows in _row_stream(store, epoch, seed, read_rows=min(buffer_rows, 1 << 16)):
+        for rows in _row_stream(store, commits, epoch, seed, lane, lanes, read_rows=min(buffer_rows, 1 << 16)):
             pending.append(rows)
             pending_rows += len(rows)
             if pending_rows >= buffer_rows:
-                yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
-                                       carry_out := [carry], skip)
-                carry = carry_out[0]
+                carry = yield from _emit_block(carry, pending, (seed, lane, epoch, block_index), batch_rows)
                 pending, pending_rows = [], 0
                 block_index += 1
         if pending:
-            yield from _emit_block(pending, seed, epoch, block_index, batch_size, scale, device,
-                                   carry_out := [carry], skip)
-            carry = carry_out[0]
+            carry = yield from _emit_block(carry, pending, (seed, lane, epoch, block_index), batch_rows)
         epoch += 1
 
 
-def _emit_block(pending: list[torch.Tensor], seed: int, epoch: int, block_index: int, batch_size: int, scale: float,
-                device, carry: list[torch.Tensor], skip: list[int]) -> Iterator[torch.Tensor]:
-    """Permute one block (plus the rows left over from the previous one) and cut it into batches."""
-    block = torch.cat([carry[0], *pending])
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + block_index)
+def _emit_block(carry: torch.Tensor, pending: list[torch.Tensor], key: tuple[int, ...],
+                batch_rows: int) -> Iterator[torch.Tensor]:
+    """Permute one block (plus the rows carried from the previous one), yield its full batches and
+    return the rows left over."""
+    block = torch.cat([carry, *pending])
+    generator = torch.Generator().manual_seed(hash_key(key))
     block = block[torch.randperm(len(block), generator=generator)]
-    full = len(block) // batch_size * batch_size
-    for start in range(0, full, batch_size):
-        if skip[0] > 0:
-            skip[0] -= 1
-            continue
-        yield block[start:start + batch_size].to(device=device, dtype=torch.float32) * scale
-    carry[0] = block[full:]
+    full = len(block) // batch_rows * batch_rows
+    for start in range(0, full, batch_rows):
+        yield block[start:start + batch_rows]
+    return block[full:]
+
+
+def hash_key(key: tuple[int, ...]) -> int:
+    """A stable 63-bit seed from small integers (Python's hash() of ints is stable, but be explicit)."""
+    value = 0
+    for part in key:
+        value = (value * 1_000_003 + part) % (1 << 63)
+    return value
 
 
 class Prefetcher:

@@ -1,8 +1,9 @@
 """The training loop: a plan every worker shares, the per-worker loop, and ``fit``.
 
 ``train_step`` is a small, testable function. ``train_worker`` runs the whole loop on one worker
-(rank r of N takes rows r·B/N…(r+1)·B/N of every global batch, so N workers see exactly the
-batches one worker would); ``fit`` runs it in-process (``workers: 0``) or as a Ray Train job.
+(rank r of N reads its own data lanes, which make up its slice of every global batch, so N workers
+see exactly the batches one worker reading all lanes would); ``fit`` runs it in-process
+(``workers: 0``) or as a Ray Train job.
 """
 
 from __future__ import annotations
@@ -149,9 +150,11 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
     config = plan.config
     store = ActivationStore(plan.store_url, config.storage_options)
     dictionary = new_dictionary(plan, device)
+    lanes = config.lanes()
+    per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
     batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale,
-                                          device, skip_batches=resume["step"] if resume else 0))
-    rows = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+                                          device, skip_batches=resume["step"] if resume else 0, lanes=lanes,
+                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker))))
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=plan.peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
     tracker = FiringTracker.create(plan.d_sae, device)
     start_step = 0
@@ -161,7 +164,8 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         tracker.tokens_since_fired.copy_(resume["tokens_since_fired"])
         start_step = resume["step"]
     else:
-        first = next(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device))
+        first = next(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device,
+                                      lanes=lanes))  # the whole global batch: every worker starts the same
         dictionary.initialise_from(first)
     model = wrap(dictionary) if wrap else dictionary
     progress = Progress("train", plan.total_steps, "steps", interval=5.0)
@@ -169,7 +173,7 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
     window_waited = 0.0
     try:
         for step in range(start_step, plan.total_steps):
-            batch = next(batches)[rows]
+            batch = next(batches)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps,
                                             config.lr_decay_fraction)
