@@ -22,8 +22,9 @@ def gradients(dictionary: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: parameter.grad.clone() for name, parameter in dictionary.named_parameters()}
 
 
-def assert_matches_reference(dictionary: torch.nn.Module, x: torch.Tensor, reference_loss) -> None:
-    output = dictionary(x, None, 3.0)
+def assert_matches_reference(dictionary: torch.nn.Module, x: torch.Tensor, reference_loss,
+                             dead_mask: torch.Tensor | None = None):
+    output = dictionary(x, dead_mask, 3.0)
     output.loss.backward()
     trained = gradients(dictionary)
     dictionary.zero_grad()
@@ -32,6 +33,7 @@ def assert_matches_reference(dictionary: torch.nn.Module, x: torch.Tensor, refer
     torch.testing.assert_close(output.loss, expected)
     for name, grad in gradients(dictionary).items():
         torch.testing.assert_close(trained[name], grad, msg=name)
+    return output
 
 
 def test_jumprelu_straight_through_gradients_equal_a_dense_reference():
@@ -92,3 +94,24 @@ def test_batchtopk_keeps_the_batch_wide_largest_and_infers_with_its_threshold():
     assert threshold == float(pre[kept].min())
     code = dictionary.encode(x)
     assert torch.equal(code.values.gt(0).sum(1), (pre > threshold).sum(1))
+
+
+def test_topk_with_auxk_equals_a_dense_reference():
+    dictionary, x = double_dictionary("topk", aux_k=5)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True  # a third of the latents dead
+
+    def reference(d):
+        pre = (x - d.b_dec) @ d.W_enc + d.b_enc
+        values, indices = pre.topk(6, dim=1)
+        codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
+        reconstruction = codes @ d.W_dec + d.b_dec
+        error = reconstruction - x
+        fvu = error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(5, dim=1)
+        aux_codes = torch.zeros_like(pre).scatter(1, aux_indices, aux_values.relu())
+        residual = (x - reconstruction).detach()
+        auxk = (aux_codes @ d.W_dec - residual).pow(2).sum(1).mean() / (3.0 * float(fvu.detach()) + 1e-12)
+        return error.pow(2).sum(1).mean() / 3.0 + d.aux_coefficient * auxk
+
+    assert assert_matches_reference(dictionary, x, reference, dead).terms["auxk"] > 0

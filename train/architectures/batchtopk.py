@@ -24,23 +24,23 @@ class BatchTopK(TopK):
         # state_dict's are the same, so exported weights load back directly. Negative = not yet set.
         self.register_buffer("threshold", torch.full((d_sae,), -1.0))
 
-    def _select_batch(self, centered: torch.Tensor):
+    def _select_batch(self, pre_activations: torch.Tensor):
         """(rows, latents, values) of the batch's top batch·k pre-activations, rows ascending."""
-        pre_activations = self.pre_activations(centered)
-        values, flat = pre_activations.view(-1).topk(len(centered) * self.k, sorted=False)
+        values, flat = pre_activations.view(-1).topk(len(pre_activations) * self.k, sorted=False)
         flat, order = flat.sort()
         return flat // self.d_sae, flat % self.d_sae, values[order]
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         centered = x - self.b_dec.detach()
-        rows, latents, values = self._select_batch(centered)
+        pre_activations = self.pre_activations(centered)
+        rows, latents, values = self._select_batch(pre_activations)
         self._track_threshold(values)
         values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, rows,
                                               latents).relu()
         reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
         return self.losses(x, centered, reconstruction, padded_code(rows, latents, values, len(x)), dead_mask,
-                           variance)
+                           variance, pre_activations)
 
     @torch.no_grad()
     def _track_threshold(self, selected: torch.Tensor) -> None:

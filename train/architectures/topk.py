@@ -44,8 +44,11 @@ class TopK(nn.Module):
         with torch.no_grad():
             return torch.addmm(self.b_enc, centered, self.W_enc)
 
-    def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None):
-        pre_activations = self.pre_activations(centered)
+    def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None,
+                pre_activations: torch.Tensor | None = None):
+        """Top-k latents per row; ``pre_activations`` (consumed: masked in place) saves the matmul."""
+        if pre_activations is None:
+            pre_activations = self.pre_activations(centered)
         if mask is not None:
             pre_activations.masked_fill_(~mask, float("-inf"))
         return pre_activations.topk(k, dim=1, sorted=False)
@@ -60,30 +63,34 @@ class TopK(nn.Module):
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         centered = x - self.b_dec.detach()
-        values, indices = self._select(centered, self.k)
+        pre_activations = self.pre_activations(centered)
+        values, indices = self._select(centered, self.k, pre_activations=pre_activations)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, indices).relu()
         reconstruction = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        return self.losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance)
+        return self.losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance,
+                           pre_activations)
 
-    def losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance) -> TrainOutput:
-        """Reconstruction loss plus AuxK; ``code`` may be padded with zero values."""
+    def losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance,
+               pre_activations: torch.Tensor) -> TrainOutput:
+        """Reconstruction loss plus AuxK; ``code`` may be padded with zero values; AuxK reuses (and
+        overwrites) the batch's ``pre_activations`` instead of a second encoder matmul."""
         error = reconstruction - x
         fvu = fraction_of_variance_unexplained(error, x)
-        auxk = self._auxk(centered, x, reconstruction, dead_mask, fvu, variance)
+        auxk = self._auxk(centered, x, reconstruction, dead_mask, fvu, variance, pre_activations)
         loss = reconstruction_loss(error, fvu, variance) + self.aux_coefficient * auxk.nan_to_num(0.0)
         fired = firing_counts(code.indices, code.values.detach(), self.d_sae)
         return TrainOutput(loss, reconstruction, code, fvu,
                            {"fvu": float(fvu.detach()), "auxk": float(auxk.detach()),
                             "l0": float(fired.sum()) / len(x)}, fired)
 
-    def _auxk(self, centered, x, reconstruction, dead_mask, fvu, variance) -> torch.Tensor:
+    def _auxk(self, centered, x, reconstruction, dead_mask, fvu, variance, pre_activations) -> torch.Tensor:
         """AuxK: dead latents try to explain what the live ones miss (the residual), which pulls
         them back into use without disturbing the main reconstruction."""
         dead_count = int(dead_mask.sum()) if dead_mask is not None else 0
         if not dead_count:
             return torch.zeros((), device=x.device)
         aux_k = min(self.aux_k, dead_count)
-        aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0))
+        aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0), pre_activations)
         aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
                                              aux_indices).relu()
         residual = (x - reconstruction).detach()
