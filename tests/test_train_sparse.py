@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.sparse import select_flat_with_sparse_grad, select_with_sparse_grad, sparse_decode, sparse_decode_flat
+from train.sparse import fixed_k_pattern, select_with_sparse_grad, sparse_decode, sparse_pattern
 
 
 def random_problem(seed: int, batch: int, d_in: int, d_sae: int):
@@ -39,8 +39,9 @@ def test_sparse_topk_encode_decode_gradients_match_dense_autograd():
         centered = x - p["b_dec"].detach()
         with torch.no_grad():
             values, indices = torch.addmm(p["b_enc"], centered, p["W_enc"]).topk(k, dim=1)
-        values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, indices)
-        return ((sparse_decode(indices, values.relu(), p["W_dec"]) + p["b_dec"] - target) ** 2).sum()
+        pattern = fixed_k_pattern(indices, d_sae)
+        values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, pattern)
+        return ((sparse_decode(values.relu(), p["W_dec"], pattern) + p["b_dec"] - target) ** 2).sum()
 
     assert_same_values_and_gradients(dense_loss, sparse_loss, parameters)
 
@@ -63,8 +64,9 @@ def test_flat_codes_with_per_row_counts_match_dense_autograd():
             rows, latents = flat // d_sae, flat % d_sae
             order = rows.argsort()
             rows, latents, values = rows[order], latents[order], values[order]
-        values = select_flat_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, rows, latents)
-        decoded = sparse_decode_flat(rows, latents, values.relu(), p["W_dec"], batch)
+        pattern = sparse_pattern(rows, latents, batch, d_sae)
+        values = select_with_sparse_grad(centered, p["W_enc"], p["b_enc"], p["b_dec"], values, pattern)
+        decoded = sparse_decode(values.relu(), p["W_dec"], pattern)
         return ((decoded + p["b_dec"] - target) ** 2).sum()
 
     assert_same_values_and_gradients(dense_loss, sparse_loss, parameters)

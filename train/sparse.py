@@ -1,72 +1,121 @@
 """Sparse kernels for sparse codes: only the dense encoder matmul stays dense.
 
 A code with few non-zeros per row out of d_sae lets decoding and every backward product touch
-only the active (row, latent) pairs: the decoder is an ``embedding_bag`` over the active rows, and
-the encoder gradient is one COO sparse × dense product instead of a second dense matmul. Codes come
-in two shapes: fixed k per row ([B, k], TopK) or a flat list of (row, latent, value) triples
-(BatchTopK, where each row has its own count).
+only the active (row, latent) pairs. A ``SparsePattern`` describes those pairs once per step, both
+row-major (for ``embedding_bag`` decoding) and latent-major (a CSR matrix [d_sae, batch]); the
+encoder-weight and decoder-weight gradients are then each one CSR × dense product over the same
+structure, sorted once. Codes come in two shapes: fixed k per row ([B, k], TopK) or a flat list of
+(row, latent) pairs with rows ascending (BatchTopK, JumpReLU, ReLU: each row has its own count).
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+# The CSR products used here are tested against dense autograd (tests/test_train_sparse.py).
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+class SparsePattern(NamedTuple):
+    rows: torch.Tensor  # [pairs] ascending
+    latents: torch.Tensor  # [pairs]
+    offsets: torch.Tensor  # [batch] first pair of each row (embedding_bag offsets)
+    by_latent: torch.Tensor  # [pairs] permutation ordering pairs by latent
+    latent_starts: torch.Tensor  # [d_sae + 1] CSR row pointers over latents
+    rows_by_latent: torch.Tensor  # [pairs] CSR column indices: rows[by_latent]
+    batch: int
+    d_sae: int
+
+    def by_latent_matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The [d_sae, batch] sparse matrix with ``values`` (in pair order) at the pattern's pairs."""
+        return torch.sparse_csr_tensor(self.latent_starts, self.rows_by_latent, values[self.by_latent],
+                                       (self.d_sae, self.batch), check_invariants=False)
+
+
+def sparse_pattern(rows: torch.Tensor, latents: torch.Tensor, batch: int, d_sae: int) -> SparsePattern:
+    """Pairs (rows ascending) → both orderings; ``rows``/``latents`` are flat int64 tensors."""
+    counts = torch.bincount(rows, minlength=batch)
+    by_latent = torch.argsort(latents)
+    latent_starts = torch.zeros(d_sae + 1, dtype=torch.long, device=latents.device)
+    latent_starts[1:] = torch.cumsum(torch.bincount(latents, minlength=d_sae), 0)
+    return SparsePattern(rows, latents, torch.cumsum(counts, 0) - counts, by_latent, latent_starts,
+                         rows[by_latent], batch, d_sae)
+
+
+def fixed_k_pattern(indices: torch.Tensor, d_sae: int) -> SparsePattern:
+    """The pattern of a [B, k] code."""
+    batch, k = indices.shape
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+    return sparse_pattern(rows, indices.reshape(-1), batch, d_sae)
 
 
 class _SelectWithSparseGrad(torch.autograd.Function):
     """Attach encoder gradients to pre-activations chosen outside autograd.
 
     ``values[i] = (x[rows[i]] - b_dec) · W_enc[:, latents[i]] + b_enc[latents[i]]`` was computed
-    densely (and chosen by a top-k) without a graph; backward builds the gradients of W_enc, b_enc
-    and b_dec from the chosen pairs only: O(pairs·d_in) instead of O(batch·d_sae·d_in).
+    densely (and chosen by a top-k or a threshold) without a graph; backward builds the gradients of
+    W_enc, b_enc and b_dec from the chosen pairs only: O(pairs·d_in), not O(batch·d_sae·d_in).
     """
 
     @staticmethod
-    def forward(ctx, centered_x, W_enc, b_enc, b_dec, values, rows, latents):
-        ctx.save_for_backward(centered_x, W_enc, rows, latents)
+    def forward(ctx, centered_x, W_enc, b_enc, b_dec, values, pattern):
+        ctx.save_for_backward(centered_x, W_enc)
+        ctx.pattern = pattern
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_values):
-        centered_x, W_enc, rows, latents = ctx.saved_tensors
-        batch, d_sae = centered_x.shape[0], W_enc.shape[1]
+        centered_x, W_enc = ctx.saved_tensors
+        pattern = ctx.pattern
         grad = grad_values.to(centered_x.dtype)
-        codes_grad = torch.sparse_coo_tensor(torch.stack([latents, rows]), grad, (d_sae, batch),
-                                             check_invariants=False)
-        grad_W_enc = torch.sparse.mm(codes_grad.coalesce(), centered_x).t()  # [d_in, d_sae]
-        grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
-        grad_b_enc.index_add_(0, latents, grad)
+        grad_W_enc = (pattern.by_latent_matrix(grad) @ centered_x).t()  # [d_in, d_sae]
+        grad_b_enc = torch.zeros(pattern.d_sae, dtype=grad.dtype, device=grad.device)
+        grad_b_enc.index_add_(0, pattern.latents, grad)
         # Σ_i g_i · W_enc[:, latent_i] is W_enc applied to the b_enc gradient; the input was
         # x - b_dec, hence the sign.
         grad_b_dec = -(W_enc @ grad_b_enc)
-        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_pairs value · W_dec[latent] per row: forward with ``embedding_bag``; backward gives the
+    values' gradient with embedding_bag's own kernel and W_dec's as one CSR product."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, pattern):
+        output, offset2bag, _, _ = torch.ops.aten._embedding_bag(
+            W_dec, pattern.latents, pattern.offsets, False, 0, False, values, False, -1)
+        ctx.save_for_backward(values, W_dec, offset2bag)
+        ctx.pattern = pattern
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        values, W_dec, offset2bag = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_output = grad_output.contiguous()
+        grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_output, W_dec, pattern.latents, pattern.offsets, offset2bag, 0, -1)
+        grad_W_dec = pattern.by_latent_matrix(values.to(grad_output.dtype)) @ grad_output  # [d_sae, d_in]
+        return grad_values, grad_W_dec, None
 
 
 def select_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                            b_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Fixed-k codes: ``values``/``indices`` are [B, k]."""
-    batch, k = indices.shape
-    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-    flat = _SelectWithSparseGrad.apply(centered_x, W_enc, b_enc, b_dec, values.reshape(-1), rows,
-                                       indices.reshape(-1))
-    return flat.view(batch, k)
+                            b_dec: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """``values`` ([B, k] or flat, in the pattern's pair order) with encoder gradients attached."""
+    flat = _SelectWithSparseGrad.apply(centered_x, W_enc, b_enc, b_dec, values.reshape(-1), pattern)
+    return flat.view(values.shape)
 
 
-def select_flat_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                                 b_dec: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                                 latents: torch.Tensor) -> torch.Tensor:
-    """Flat codes: one entry per active (row, latent) pair."""
-    return _SelectWithSparseGrad.apply(centered_x, W_enc, b_enc, b_dec, values, rows, latents)
+def sparse_decode(values: torch.Tensor, W_dec: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """Training decode (without b_dec) of ``values`` ([B, k] or flat) at the pattern's pairs."""
+    return _SparseDecode.apply(values.reshape(-1), W_dec, pattern)
 
 
-def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[:, j] · W_dec[indices[:, j]], touching only the selected decoder rows."""
+def decode_code(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Inference decode (without b_dec) of a [B, k] code: Σ_j values[:, j] · W_dec[indices[:, j]]."""
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
-
-
-def sparse_decode_flat(rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                       batch: int) -> torch.Tensor:
-    """Decode flat (row, latent, value) triples; ``rows`` must be sorted ascending."""
-    counts = torch.bincount(rows, minlength=batch)
-    offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(latents, W_dec, offsets=offsets, per_sample_weights=values, mode="sum")

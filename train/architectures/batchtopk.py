@@ -10,7 +10,7 @@ import torch
 from train.architectures import SparseCode, TrainOutput, register
 from train.architectures.parts import padded_code, threshold_code
 from train.architectures.topk import TopK
-from train.sparse import select_flat_with_sparse_grad, sparse_decode_flat
+from train.sparse import select_with_sparse_grad, sparse_decode, sparse_pattern
 
 THRESHOLD_MOMENTUM = 0.99
 
@@ -33,12 +33,12 @@ class BatchTopK(TopK):
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         centered = x - self.b_dec.detach()
-        pre_activations = self.pre_activations(centered)
+        pre_activations = self.pre_activations(centered, reuse=True)
         rows, latents, values = self._select_batch(pre_activations)
         self._track_threshold(values)
-        values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, rows,
-                                              latents).relu()
-        reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+        pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
+        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
         return self.losses(x, centered, reconstruction, padded_code(rows, latents, values, len(x)), dead_mask,
                            variance, pre_activations)
 

@@ -24,7 +24,7 @@ from train.architectures.parts import (
     threshold_code,
     tied_init,
 )
-from train.sparse import select_flat_with_sparse_grad, sparse_decode, sparse_decode_flat
+from train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
 
 @register("jumprelu")
@@ -65,7 +65,7 @@ class JumpReLU(nn.Module):
         return threshold_code(self.pre_activations(x - self.b_dec), self.threshold)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+        return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
@@ -77,15 +77,16 @@ class JumpReLU(nn.Module):
         rows, latents = (active | near).nonzero(as_tuple=True)
         pair_active = active[rows, latents]
         pair_near = near[rows, latents].to(x.dtype)
-        values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
-                                              pre_activations[rows, latents], rows, latents)
+        pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+                                         pre_activations[rows, latents], pattern)
         # Straight-through terms, zero in the forward pass: d(value)/dθ = -θ/ε·K and d(step)/dθ =
         # -1/ε·K, with K the rectangle kernel (1 within half a bandwidth of θ).
         theta = self.threshold[latents]
         moved = theta - theta.detach()
         values = values * pair_active + moved * (-theta.detach() / self.bandwidth * pair_near)
         steps = pair_active.to(x.dtype) + moved * (-pair_near / self.bandwidth)
-        reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
         error = reconstruction - x
         fvu = fraction_of_variance_unexplained(error, x)
         l0 = steps.sum() / len(x)

@@ -21,7 +21,7 @@ from train.architectures.parts import (
     threshold_code,
     tied_init,
 )
-from train.sparse import select_flat_with_sparse_grad, sparse_decode, sparse_decode_flat
+from train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
 SPARSE_BELOW = 0.05  # active fraction under which the sparse kernels beat dense matmuls
 
@@ -50,7 +50,7 @@ class ReLU(nn.Module):
             return threshold_code(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc), 0.0)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+        return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
@@ -59,9 +59,10 @@ class ReLU(nn.Module):
         if self.sparse_path:
             pre_activations = torch.addmm(self.b_enc.detach(), centered, self.W_enc.detach())
             rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
-            values = select_flat_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
-                                                  pre_activations[rows, latents], rows, latents)
-            reconstruction = sparse_decode_flat(rows, latents, values, self.W_dec, len(x)) + self.b_dec
+            pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
+            values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+                                             pre_activations[rows, latents], pattern)
+            reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
             l1 = (values * decoder_norms[latents]).sum() / len(x)
             code = padded_code(rows, latents, values.detach(), len(x))
             fired = torch.bincount(latents, minlength=self.d_sae)

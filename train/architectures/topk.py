@@ -16,7 +16,7 @@ from train.architectures.parts import (
     remove_parallel_gradient,
     tied_init,
 )
-from train.sparse import select_with_sparse_grad, sparse_decode
+from train.sparse import decode_code, fixed_k_pattern, select_with_sparse_grad, sparse_decode
 
 
 @register("topk")
@@ -39,10 +39,21 @@ class TopK(nn.Module):
     def initialise_from(self, batch: torch.Tensor) -> None:
         self.b_dec.copy_(batch.mean(0))  # not zero: no early steps spent learning the offset
 
-    def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
-        """The dense encoder matmul, outside autograd (gradients come from the sparse kernels)."""
+    def pre_activations(self, centered: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """The dense encoder matmul, outside autograd (gradients come from the sparse kernels).
+
+        With ``reuse`` the result goes into one buffer kept across steps (valid until the next
+        call): a fresh [batch, d_sae] tensor every step costs as much as the matmul itself here,
+        in page faults on newly mapped memory."""
         with torch.no_grad():
-            return torch.addmm(self.b_enc, centered, self.W_enc)
+            if not reuse:
+                return torch.addmm(self.b_enc, centered, self.W_enc)
+            shape = (len(centered), self.d_sae)
+            buffer = getattr(self, "_pre_activation_buffer", None)
+            if buffer is None or buffer.shape != shape or buffer.dtype != centered.dtype \
+                    or buffer.device != centered.device:
+                buffer = self._pre_activation_buffer = torch.empty(shape, dtype=centered.dtype, device=centered.device)
+            return torch.addmm(self.b_enc, centered, self.W_enc, out=buffer)
 
     def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None,
                 pre_activations: torch.Tensor | None = None):
@@ -58,15 +69,16 @@ class TopK(nn.Module):
         return SparseCode(values.relu(), indices)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+        return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         centered = x - self.b_dec.detach()
-        pre_activations = self.pre_activations(centered)
+        pre_activations = self.pre_activations(centered, reuse=True)
         values, indices = self._select(centered, self.k, pre_activations=pre_activations)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, indices).relu()
-        reconstruction = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        pattern = fixed_k_pattern(indices, self.d_sae)
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
+        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
         return self.losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance,
                            pre_activations)
 
@@ -91,10 +103,11 @@ class TopK(nn.Module):
             return torch.zeros((), device=x.device)
         aux_k = min(self.aux_k, dead_count)
         aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0), pre_activations)
+        aux_pattern = fixed_k_pattern(aux_indices, self.d_sae)
         aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
-                                             aux_indices).relu()
+                                             aux_pattern).relu()
         residual = (x - reconstruction).detach()
-        aux_error = sparse_decode(aux_indices, aux_values, self.W_dec) - residual
+        aux_error = sparse_decode(aux_values, self.W_dec, aux_pattern) - residual
         if variance is None:
             return fraction_of_variance_unexplained(aux_error, residual)
         return aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
