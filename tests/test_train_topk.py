@@ -41,6 +41,9 @@ RECOVERY = {
     "topk": ({}, 700, 2e-3, 0.25),
     "relu": ({"l1_coefficient": 1.0}, 700, 2e-3, 0.4),
     "batchtopk": ({}, 1500, 5e-3, 0.3),
+    # L0 coefficient in units of the per-token variance (~5.3 here): 0.2 ≈ one unit of squared error
+    # per active latent, as SAELens' default of 1 with a summed squared error.
+    "jumprelu": ({"l0_coefficient": 0.2}, 700, 2e-3, 0.3),
 }
 
 

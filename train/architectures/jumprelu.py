@@ -4,7 +4,8 @@ The step function has no useful gradient, so θ learns through straight-through 
 rectangle kernel of width ``bandwidth`` around θ stands in for the Dirac delta.
 
 Only (token, latent) pairs that are active or within half a bandwidth of θ enter autograd, so the
-k-sparsity is exploited as in TopK: the dense encoder matmul is the only dense work.
+sparsity is exploited as in TopK: the dense encoder matmul is the only dense work (early on, while
+most latents still fire, that is many pairs; the threshold rises within the warm-up).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from train.architectures.parts import (
     firing_counts,
     fraction_of_variance_unexplained,
     linear_warmup,
-    normalise_rows,
     padded_code,
     reconstruction_loss,
-    remove_parallel_gradient,
     threshold_code,
     tied_init,
 )
@@ -29,33 +28,26 @@ from train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sp
 
 @register("jumprelu")
 class JumpReLU(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, k: int, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
-                 sparsity_warmup: float = 0.05, initial_l0: float | None = None, seed: int = 0,
-                 **_ignored):
+    def __init__(self, d_in: int, d_sae: int, k: int = 1, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
+                 sparsity_warmup: float = 0.05, initial_threshold: float = 0.01, init_norm: float = 0.1,
+                 seed: int = 0, **_ignored):
         super().__init__()
-        if not 0 < k <= d_sae:
-            raise ValueError(f"k = {k} is out of range; expected 1..d_sae ({d_sae})")
-        # k is the L0 the thresholds start at (see initialise_from); the L0 penalty then sets it.
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        # No k: the L0 penalty sets the sparsity. Its coefficient is in units of the per-token
+        # variance (as the loss), so 2e-3 ≈ trading one active latent for 0.2% of the variance.
+        self.d_in, self.d_sae = d_in, d_sae
         self.l0_coefficient, self.bandwidth, self.sparsity_warmup = l0_coefficient, bandwidth, sparsity_warmup
-        self.initial_l0 = initial_l0 if initial_l0 is not None else k
-        decoder, encoder = tied_init(d_in, d_sae, seed)
+        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm=init_norm)
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(encoder)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.threshold = nn.Parameter(torch.full((d_sae,), 1e-3))
+        # A low start: most latents fire at first, and the penalty raises each θ from there.
+        self.threshold = nn.Parameter(torch.full((d_sae,), initial_threshold))
         self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
 
     @torch.no_grad()
     def initialise_from(self, batch: torch.Tensor) -> None:
-        """b_dec at the data mean; each θ at the quantile where its latent fires on k/d_sae of the
-        batch, so training starts near the target L0 instead of climbing from θ≈0 (half the
-        latents firing) at Adam's pace."""
         self.b_dec.copy_(batch.mean(0))
-        pre_activations = self.pre_activations(batch - self.b_dec)
-        quantile = 1 - min(1.0, self.initial_l0 / self.d_sae)
-        self.threshold.copy_(pre_activations.float().quantile(quantile, dim=0).clamp_min(1e-3))
 
     def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -101,12 +93,11 @@ class JumpReLU(nn.Module):
         self.coefficient_scale = linear_warmup(step, total_steps, self.sparsity_warmup)
 
     def before_optimizer_step(self) -> None:
-        remove_parallel_gradient(self.W_dec)
+        pass  # decoder rows are free: L0 does not depend on their norms
 
     @torch.no_grad()
     def after_step(self) -> None:
-        normalise_rows(self.W_dec)
-        self.threshold.clamp_(min=1e-4)  # θ ≤ 0 would make the latent a plain ReLU
+        self.threshold.clamp_(min=1e-6)  # θ ≤ 0 would make the latent a plain ReLU
 
     def export_config(self) -> dict:
         return {"architecture": "jumprelu"}
