@@ -540,12 +540,14 @@ def step_part(event) -> str:
             return "Adam step"
         if name.startswith("autograd::engine::evaluate_function: "):
             function = name.split(": ", 1)[1]
-            return {"_SelectWithSparseGradBackward": "backward: encoder grads (COO sparse x dense)",
+            return {"_SelectWithSparseGradBackward": "backward: encoder grads (CSR sparse x dense)",
+                    "_SparseDecodeBackward": "backward: sparse decode (values + CSR decoder grad)",
                     "EmbeddingBagBackward0": "backward: sparse decode (embedding_bag)"}.get(
                 function, "backward: losses, elementwise")
     for name in reversed(names):  # outermost first: aten::addmm inside aten::linear etc.
         part = {"aten::addmm": "forward: dense encoder matmul", "aten::topk": "forward: topk",
-                "aten::embedding_bag": "forward: sparse decode (embedding_bag)"}.get(name)
+                "aten::embedding_bag": "forward: sparse decode (embedding_bag)",
+                "aten::_embedding_bag": "forward: sparse decode (embedding_bag)"}.get(name)
         if part:
             return part
     return "forward: losses, masks, bookkeeping"
