@@ -152,9 +152,6 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
     dictionary = new_dictionary(plan, device)
     lanes = config.lanes()
     per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
-    batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale,
-                                          device, skip_batches=resume["step"] if resume else 0, lanes=lanes,
-                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker))))
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=plan.peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
     tracker = FiringTracker.create(plan.d_sae, device)
     start_step = 0
@@ -169,6 +166,10 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
         dictionary.initialise_from(first)
     model = wrap(dictionary) if wrap else dictionary
     progress = Progress("train", plan.total_steps, "steps", interval=5.0)
+    # Started only now, right before the try that closes it: nothing above can leave its thread running.
+    batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale,
+                                          device, skip_batches=resume["step"] if resume else 0, lanes=lanes,
+                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker))))
     started = window_started = time.monotonic()
     window_waited = 0.0
     try:
