@@ -37,9 +37,10 @@ class TrainConfig:
     eval_tokens: int = knob(4096, "held-out tokens for the final ΔCE / CE-recovered / KL evaluation; 0 skips it")
     eval_corpus: list[str] = knob([], "held-out text files for the evaluation (default: the harvest corpus's documents "
                                  "after the harvested ones)")
-    trackers: list[str] = knob([], "optional experiment trackers to mirror metrics to: mlflow (installed separately)")
+    trackers: list[str] = knob([], "optional experiment trackers to mirror metrics to: mlflow, wandb (each "
+                                                  "installed separately)")
     tracking_uri: str | None = knob(None, "MLflow tracking URI (default: the driver's MLFLOW_TRACKING_URI)")
-    experiment: str = knob("lexica", "MLflow experiment name")
+    experiment: str = knob("lexica", "MLflow experiment / W&B project name")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
     extra: dict = field(default_factory=dict, metadata={"help": "architecture-specific options"})
 

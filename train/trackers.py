@@ -1,5 +1,5 @@
-"""Optional experiment trackers: metric lines also go to MLflow when the user asks for it and has
-it installed. Never required: without ``trackers`` nothing is imported."""
+"""Optional experiment trackers: metric lines also go to MLflow and/or Weights & Biases when the
+user asks for them and has them installed. Never required: without ``trackers`` nothing is imported."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 from harvest.config import ConfigError
 
 log = logging.getLogger(__name__)
-KNOWN = ("mlflow",)
+KNOWN = ("mlflow", "wandb")
 
 
 def check_trackers(names: list[str]) -> None:
@@ -53,14 +53,42 @@ class MLflowTracker:
         self.mlflow.end_run()
 
 
-def open_trackers(config, run_name: str, run_ids: dict) -> list[MLflowTracker]:
+class WandbTracker:
+    """One W&B run per dictionary in project ``experiment``; like MLflow, its id is kept next to the
+    metrics so a resumed job and the evaluation continue it. Where runs go (cloud, a local server,
+    or ``WANDB_MODE=offline`` files) and the API key come from W&B's own environment variables,
+    which Lexica never reads or logs."""
+
+    name = "wandb"
+
+    def __init__(self, experiment: str, run_name: str, params: dict, run_id: str | None = None):
+        import wandb
+
+        if run_id:
+            self.run = wandb.init(project=experiment, id=run_id, resume="allow")
+        else:
+            self.run = wandb.init(project=experiment, name=run_name, config=params)
+        self.run_id = self.run.id
+
+    def log(self, metrics: dict) -> None:
+        values = {key: float(value) for key, value in metrics.items()
+                  if key != "step" and isinstance(value, (int, float))}
+        self.run.log(values, step=int(metrics["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(config, run_name: str, run_ids: dict) -> list:
     """The trackers ``config.trackers`` names; ``run_ids`` (tracker → run id) continues earlier runs."""
+    params = {key: value for key, value in vars(config).items() if key != "storage_options"}
     trackers = []
     for name in config.trackers:
         if name == "mlflow":
-            params = {key: value for key, value in vars(config).items() if key != "storage_options"}
             trackers.append(MLflowTracker(config.tracking_uri, config.experiment, run_name, params,
                                           run_ids.get("mlflow")))
+        elif name == "wandb":
+            trackers.append(WandbTracker(config.experiment, run_name, params, run_ids.get("wandb")))
     return trackers
 
 
