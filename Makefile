@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ASSETS ?= assets
 
-.PHONY: setup assets demo test lint clean
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+
+.PHONY: setup assets browser demo test lint clean
 
 setup: $(VENV)/.lexica-installed
 
@@ -20,11 +22,21 @@ $(VENV)/.lexica-installed: pyproject.toml Makefile
 assets: setup
 	$(PY) scripts/prepare_assets.py --dest $(ASSETS)
 
+# Headless Chromium for the feature-browser tests: Debian's package (Playwright's own download
+# needs a CDN this machine cannot reach). Installed only when missing, and only as root.
+browser:
+	@if [ -n "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium fonts-dejavu-core >/dev/null; \
+	else echo "no chromium found: install it (e.g. apt-get install chromium) or set LEXICA_CHROMIUM"; fi
+
 demo: assets
 	$(PY) -m harvest --config examples/demo.yaml
 	$(PY) -m train --config examples/demo.yaml
+	$(PY) -m analysis features --config examples/demo.yaml
 
-test: assets
+test: assets browser
 	$(PY) -m pytest -q
 
 lint: setup

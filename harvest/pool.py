@@ -133,15 +133,20 @@ def remove_orphans(store: ActivationStore) -> int:
 
 def record_run_config(config: HarvestConfig) -> None:
     """Keep run.yaml's ``harvest`` section equal to the configuration that produced the store."""
-    fs, run_path = storage.url_to_fs(config.run, config.storage_options)
+    record_stage(config.run, config.storage_options, "harvest", to_dict(config))
+
+
+def record_stage(run_url: str, storage_options: dict | None, stage: str, section: dict) -> None:
+    """Replace one stage's section of ``<run>/run.yaml`` (the resolved configuration of each stage)."""
+    fs, run_path = storage.url_to_fs(run_url, storage_options)
     path = storage.join(run_path, "run.yaml")
     document = {}
     if storage.exists(fs, path):
         with fs.open(path, "rb") as handle:
             document = yaml.safe_load(handle) or {}
-    section = to_dict(config)
+    section = dict(section)
     section.pop("storage_options", None)  # may name endpoints; never credentials, but keep runs portable
-    document["harvest"] = section
+    document[stage] = section
     storage.write_bytes(fs, path, yaml.safe_dump(document, sort_keys=False).encode())
 
 

@@ -1,0 +1,56 @@
+"""Typed configuration of the analysis stage (the ``analysis:`` section of a pipeline config, or flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harvest.config import ConfigError, knob
+
+
+@dataclass
+class AnalysisConfig:
+    run: str = knob("./runs/demo", "run folder URL; results go to <run>/analysis/<dictionary>/")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the only one, else "
+                                        "the newest export)")
+    store: str | None = knob(None, "activation store URL (default: the store the dictionary was trained on)")
+    model: str | None = knob(None, "model folder or hub id for contexts, logit effects and steering (default: the "
+                                   "store's model)")
+    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    max_tokens: int | None = knob(None, "statistics over only the first N store tokens (default: all)")
+    batch_rows: int = knob(4096, "tokens encoded per batch in the statistics pass")
+    workers: int = knob(2, "parallel Ray tasks of the statistics and context passes; 0 runs in this process")
+    cpus_per_worker: float = knob(1.0, "CPUs reserved per task (torch threads follow)")
+    top_examples: int = knob(20, "top-activating examples kept per feature")
+    samples: int = knob(64, "uniformly sampled firing examples kept per feature (for the quantile bands)")
+    bands: int = knob(4, "activation quantile bands the samples are shown in")
+    per_band: int = knob(4, "examples shown per quantile band")
+    window_before: int = knob(16, "context tokens before the activating token")
+    window_after: int = knob(8, "context tokens after the activating token")
+    logit_tokens: int = knob(10, "promoted and suppressed output tokens kept per feature")
+    neighbours: int = knob(10, "nearest features by decoder cosine kept per feature")
+    exact_neighbours_up_to: int = knob(32768, "exact neighbour search up to this many features, approximate beyond")
+    map: bool = knob(True, "compute the 2-D UMAP map and clusters")
+    clusters: int | None = knob(None, "k-means clusters of decoder directions (default sqrt(features / 2))")
+    site: bool = knob(True, "build the static HTML feature browser under site/")
+    ray_address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> AnalysisConfig:
+        checks = [
+            (self.batch_rows >= 1, "batch_rows", ">= 1"),
+            (self.workers >= 0, "workers", ">= 0"),
+            (self.top_examples >= 1, "top_examples", ">= 1"),
+            (self.samples >= 0, "samples", ">= 0"),
+            (self.bands >= 1, "bands", ">= 1"),
+            (self.per_band >= 0, "per_band", ">= 0"),
+            (self.window_before >= 0, "window_before", ">= 0"),
+            (self.window_after >= 0, "window_after", ">= 0"),
+            (self.logit_tokens >= 1, "logit_tokens", ">= 1"),
+            (self.neighbours >= 1, "neighbours", ">= 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", ">= 1 or null"),
+            (self.clusters is None or self.clusters >= 1, "clusters", ">= 1 or null"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"analysis.{name} = {getattr(self, name)!r} is invalid; expected {expected}")
+        return self

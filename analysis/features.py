@@ -1,0 +1,90 @@
+"""``python -m analysis features``: the whole atlas of one dictionary, stage by stage.
+
+Statistics pass → examples → contexts → logit effects → neighbours → map → site, each written to
+``<run>/analysis/<dictionary>/`` as soon as it is done (so a failure late in the run keeps the
+tables already computed), with the timings in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from analysis import atlas, geometry
+from analysis.config import AnalysisConfig
+from analysis.sources import load_tokenizer, model_path, open_dictionary, open_store
+
+log = logging.getLogger(__name__)
+
+UMAP_NEIGHBOURS = 15  # UMAP's default; the neighbour search serves both the table and the map
+
+
+def build_atlas(config: AnalysisConfig) -> dict:
+    from analysis.contexts import build_contexts
+    from analysis.logits import load_readout, logit_effects
+    from analysis.stats import compute_statistics
+    from harvest.model import resolve_device
+    from harvest.pool import record_stage
+
+    config.validate()
+    timings: dict[str, float] = {}
+    dictionary = open_dictionary(config.run, config.dictionary, config.storage_options)
+    store = open_store(dictionary, config.store, config.run, config.storage_options)
+    folder = atlas.analysis_url(config.run, dictionary.name)
+    record_stage(config.run, config.storage_options, "analysis", {**dataclasses.asdict(config),
+                                                                  "dictionary": dictionary.name})
+    device = resolve_device(config.device)
+    module = dictionary.module.to(device)
+    path = model_path(store, config.model)
+    tokenizer = load_tokenizer(path)
+
+    def timed(name: str, work):
+        started = time.perf_counter()
+        result = work()
+        timings[name] = round(time.perf_counter() - started, 2)
+        log.info("%s done in %.1f s", name, timings[name])
+        return result
+
+    statistics = timed("statistics", lambda: compute_statistics(store, module, config))
+    features = statistics.features_table()
+    atlas.write_table(folder, "features", features, config.storage_options)
+    examples = statistics.examples_table(config.bands, config.per_band)
+    contexts = timed("contexts", lambda: build_contexts(store, module, examples, tokenizer, config))
+    atlas.write_table(folder, "contexts", contexts, config.storage_options)
+
+    readout = timed("load model head", lambda: load_readout(path, config.device))
+    logits = timed("logit effects", lambda: logit_effects(module.W_dec, readout, tokenizer, config.logit_tokens))
+    atlas.write_table(folder, "logits", logits, config.storage_options)
+    readout = None  # the unembedding is the largest tensor here; free it before the map
+
+    directions = geometry.unit_directions(module.W_dec.detach().cpu())
+    wanted = max(config.neighbours, UMAP_NEIGHBOURS - 1) if config.map else config.neighbours
+    neighbours, cosines, exact = timed("neighbours", lambda: geometry.find_neighbours(
+        directions, wanted, config.exact_neighbours_up_to))
+    recall = 1.0 if exact else geometry.estimated_recall(directions, neighbours[:, :config.neighbours])
+    atlas.write_table(folder, "neighbours", geometry.neighbour_table(neighbours, cosines, config.neighbours),
+                      config.storage_options)
+    if config.map:
+        layout = timed("map", lambda: geometry.map_table(directions, config.clusters, known=(neighbours, cosines)))
+        atlas.write_table(folder, "map", layout, config.storage_options)
+
+    summary = {
+        "dictionary": dictionary.name, "dictionary_url": dictionary.url, "architecture":
+            dictionary.metadata.get("lexica_architecture", dictionary.config.get("architecture")),
+        "d_sae": dictionary.d_sae, "d_in": int(dictionary.config["d_in"]), "store": store.url, "hook": store.hook,
+        "model": path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
+        "neighbours_exact": exact, "neighbours_recall": round(recall, 4),
+        "dead_features": int((features.column("fires").to_numpy() == 0).sum()),
+        "config": {**dataclasses.asdict(config), "storage_options": None}, "timings": timings,
+        "created_at": time.time(),
+    }
+    atlas.write_summary(folder, summary, config.storage_options)
+    if config.site:
+        from analysis.site import build_site
+
+        summary["site"] = timed("site", lambda: build_site(folder, config.storage_options))
+        summary["timings"] = timings
+        atlas.write_summary(folder, summary, config.storage_options)
+    summary["folder"] = folder
+    return summary

@@ -1,0 +1,253 @@
+"""Monitoring: on given texts, where and how strongly each watched dictionary feature fires.
+
+Texts are tokenised and windowed as the harvest did (no special tokens, BOS by the store's policy,
+windows of the store's context length that never overlap), run through the model only up to the
+hook, and encoded; a text is flagged when any watched feature exceeds the threshold on it.
+
+``python -m analysis monitor --run RUN --watch 12,99 --texts texts.txt``: a table per text, and
+one JSON object per text with ``--json`` (stdout) or ``--jsonl OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.sources import AnalysisError, token_strings
+from analysis.steering import LoadedRun, check_features, check_width, context_limit, feature_values, open_run
+from harvest import packing
+from harvest.hooks import Capture, count_blocks, parse_hook, prune_after
+
+
+@torch.no_grad()
+def watched_activations(model: torch.nn.Module, dictionary: torch.nn.Module, hook_name: str, watch: list[int],
+                        token_ids: list[np.ndarray], context_length: int, bos: bool, bos_token_id: int | None,
+                        pad_id: int = 0, batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """Per text, a [tokens, len(watch)] float32 tensor of the watched features' activations."""
+    window_tokens = context_length - (1 if bos else 0)
+    if window_tokens < 1:
+        raise AnalysisError(f"context length {context_length} leaves no room for text after the BOS")
+    windows = packing.split_windows(list(enumerate(token_ids)), window_tokens)
+    capture = Capture(model, parse_hook(hook_name, count_blocks(model)))
+    device = next(model.parameters()).device
+    features = torch.tensor(watch, dtype=torch.long, device=device)
+    results = [torch.zeros(len(ids), len(watch)) for ids in token_ids]
+    offset = 1 if bos else 0
+    lengths = [len(window.token_ids) for window in windows]
+    for batch in packing.group_by_length(lengths, batch_tokens):
+        width = max(lengths[index] for index in batch) + offset
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        keep = torch.zeros((len(batch), width), dtype=torch.bool)
+        if bos:
+            input_ids[:, 0] = bos_token_id
+        for row, index in enumerate(batch):
+            input_ids[row, offset:offset + lengths[index]] = torch.from_numpy(windows[index].token_ids.astype(np.int64))
+            keep[row, offset:offset + lengths[index]] = True
+        # Padding follows every real token, so causal attention never lets a real token see it.
+        hidden = capture(input_ids=input_ids.to(device))
+        selected = hidden[keep.to(device)].float()
+        values = feature_values(dictionary.encode(selected), features).cpu()
+        # Rows of ``selected`` are the batch's windows in order, each window's tokens in order.
+        for window_values, index in zip(values.split([lengths[index] for index in batch]), batch, strict=True):
+            window = windows[index]
+            results[window.doc_id][window.start:window.start + lengths[index]] = window_values
+    return results
+
+
+def monitor(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_name: str, watch: list[int],
+            texts: list[str], threshold: float = 0.0, context_length: int | None = None, bos: bool = False,
+            batch_tokens: int = 4096) -> list[dict]:
+    """For each text: ``index``, ``tokens`` (decoded one by one), ``flagged`` (any watched feature
+    above ``threshold``) and ``features``: per watched feature its ``max_activation``, ``fires``
+    (tokens above the threshold) and ``positions`` [{position, token, activation}] in text order.
+
+    ``model`` runs up to ``hook_name`` (a base or causal LM); ``dictionary`` takes raw activations.
+    Texts longer than ``context_length`` (default: the model's) are cut into windows as the harvest
+    cut documents; ``bos`` prepends the tokenizer's BOS to every window (the store's policy).
+    """
+    watch = list(dict.fromkeys(int(feature) for feature in watch))
+    if not watch:
+        raise AnalysisError("no features to watch; give feature ids, e.g. --watch 12,99")
+    check_features(watch, int(dictionary.W_dec.shape[0]))
+    if threshold < 0:
+        raise AnalysisError(f"threshold = {threshold}; expected >= 0 (features fire with positive activations)")
+    context_length = context_length or context_limit(model)
+    if not context_length:
+        raise AnalysisError(f"{type(model).__name__} records no context length; give context_length")
+    if bos and tokenizer.bos_token_id is None:
+        raise AnalysisError("the store prepends a BOS but this tokenizer has none")
+    device = next(model.parameters()).device
+    dictionary = dictionary.to(device)
+    token_ids = [ids for _, ids in packing.tokenize(tokenizer, list(enumerate(texts)))]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    activations = watched_activations(model, dictionary, hook_name, watch, token_ids, context_length, bos,
+                                      tokenizer.bos_token_id, pad_id, batch_tokens)
+    reports = []
+    for index, (ids, values) in enumerate(zip(token_ids, activations, strict=True)):
+        tokens = token_strings(tokenizer, ids)
+        features = []
+        for column, feature in enumerate(watch):
+            by_position = values[:, column]
+            positions = torch.nonzero(by_position > threshold).flatten().tolist()
+            features.append({
+                "feature": feature,
+                "max_activation": float(by_position.max()) if len(by_position) else 0.0,
+                "fires": len(positions),
+                "positions": [{"position": position, "token": tokens[position],
+                               "activation": float(by_position[position])} for position in positions],
+            })
+        reports.append({"index": index, "text": texts[index], "tokens": tokens,
+                        "flagged": any(entry["fires"] for entry in features), "features": features})
+    return reports
+
+
+@dataclass
+class MonitorReport:
+    dictionary: str
+    hook: str
+    model: str
+    threshold: float
+    watch: list[int]
+    texts: list[dict]  # what monitor() returns
+
+
+def load_base_model(path: str, device: str, hook_name: str, revision: str | None = None) -> torch.nn.Module:
+    """The base model in float32, cut after the hooked block (the rest never runs)."""
+    from harvest.config import ModelConfig
+    from harvest.model import load_model
+
+    loaded = load_model(ModelConfig(path=path, revision=revision, dtype="float32", device=device))
+    prune_after(loaded.model, parse_hook(hook_name, count_blocks(loaded.model)))
+    return loaded.model
+
+
+def monitor_run(run_url: str, watch: list[int], texts: list[str], dictionary_name: str | None = None,
+                threshold: float = 0.0, device: str = "auto", store: str | None = None, model: str | None = None,
+                batch_tokens: int = 4096, storage_options: dict | None = None) -> MonitorReport:
+    """:func:`monitor` with the run's dictionary and the context length and BOS policy of its store."""
+    loaded: LoadedRun = open_run(run_url, dictionary_name, store, model, storage_options)
+    check_features(watch, loaded.dictionary.d_sae, f"dictionary {loaded.dictionary.name}")
+    if not texts:
+        raise AnalysisError("no texts to monitor")
+    base = load_base_model(loaded.model_path, device, loaded.hook, (loaded.manifest.get("model") or {}).get("revision"))
+    check_width(base, loaded)
+    bos = bool((loaded.manifest.get("bos") or {}).get("prepend"))
+    results = monitor(base, loaded.tokenizer, loaded.dictionary.module, loaded.hook, watch, texts, threshold,
+                      context_length=int(loaded.manifest["context_length"]), bos=bos, batch_tokens=batch_tokens)
+    return MonitorReport(dictionary=loaded.dictionary.name, hook=loaded.hook, model=loaded.model_path,
+                         threshold=threshold, watch=list(dict.fromkeys(watch)), texts=results)
+
+
+# ---------------------------------------------------------------- texts and the command line
+
+def read_texts(source: str, text_field: str = "text") -> list[str]:
+    """Texts from a .jsonl file (``text_field`` of each object), any other file (one per line),
+    or ``-`` (stdin, one per line); blank lines are skipped."""
+    if source == "-":
+        lines, name = sys.stdin.read().splitlines(), "stdin"
+    else:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except OSError as error:
+            raise AnalysisError(f"cannot read texts from {source}: {error.strerror or error}") from error
+        name = source
+    if not source.endswith(".jsonl"):
+        return [line for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AnalysisError(f"{name} line {number} is not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise AnalysisError(f"{name} line {number} has no string {text_field!r} field (it has: {fields}); "
+                                f"set --text-field")
+        texts.append(record[text_field])
+    return texts
+
+
+def parse_watch(text: str) -> list[int]:
+    try:
+        features = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise AnalysisError(f"--watch {text!r}: expected comma-separated feature ids, e.g. 12,99,1234") from None
+    if not features:
+        raise AnalysisError("--watch is empty; give feature ids, e.g. 12,99,1234")
+    return features
+
+
+def format_table(report: MonitorReport, top: int = 5, preview: int = 60) -> str:
+    lines = [f"dictionary {report.dictionary} at {report.hook} of {report.model}; watching features "
+             f"{', '.join(map(str, report.watch))}; threshold {report.threshold:g}", ""]
+    header = f"{'text':>5}  {'feature':>7}  {'max act':>9}  {'fires':>5}  top positions (token@position activation)"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for entry in report.texts:
+        shown = entry["text"] if len(entry["text"]) <= preview else entry["text"][:preview - 1] + "…"
+        lines.append(f"{entry['index']:>5}  {json.dumps(shown, ensure_ascii=False)}"
+                     f"{'  FLAGGED' if entry['flagged'] else ''}")
+        for feature in entry["features"]:
+            strongest = sorted(feature["positions"], key=lambda place: -place["activation"])[:top]
+            places = ", ".join(f"{json.dumps(place['token'], ensure_ascii=False)}@{place['position']} "
+                               f"{place['activation']:.3g}" for place in strongest)
+            lines.append(f"{'':>5}  {feature['feature']:>7}  {feature['max_activation']:>9.4g}  "
+                         f"{feature['fires']:>5}  {places}".rstrip())
+    flagged = sum(entry["flagged"] for entry in report.texts)
+    lines.append("")
+    lines.append(f"{flagged} of {len(report.texts)} texts flagged")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis monitor",
+                                     description="Report where watched dictionary features fire on given texts.")
+    parser.add_argument("--run", required=True, help="run folder URL")
+    parser.add_argument("--dictionary", help="dictionary name under <run>/dictionaries/ (default: newest export)")
+    parser.add_argument("--store", help="activation store URL (default: the one the dictionary was trained on)")
+    parser.add_argument("--model", help="model folder or hub id (default: the store's model)")
+    parser.add_argument("--watch", required=True, help="comma-separated feature ids, e.g. 12,99,1234")
+    parser.add_argument("--texts", required=True, help=".txt (one text per line), .jsonl, or - for stdin")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
+    parser.add_argument("--threshold", type=float, default=0.0, help="a feature fires above this activation")
+    parser.add_argument("--top", type=int, default=5, help="strongest positions shown per feature in the table")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
+    parser.add_argument("--jsonl", help="also write one JSON object per text to this file")
+    parser.add_argument("--json", action="store_true", help="print the JSON lines instead of the table")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harvest.config import ConfigError
+    from harvest.storage import StorageError
+    from harvest.store import StoreError
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        watch = parse_watch(args.watch)
+        texts = read_texts(args.texts, args.text_field)
+        report = monitor_run(args.run, watch, texts, args.dictionary, threshold=args.threshold, device=args.device,
+                             store=args.store, model=args.model, batch_tokens=args.batch_tokens)
+    except (ConfigError, StoreError, StorageError, FileNotFoundError, ValueError) as error:
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    lines = [json.dumps({"dictionary": report.dictionary, "hook": report.hook, **entry}, ensure_ascii=False)
+             for entry in report.texts]
+    if args.jsonl:
+        with open(args.jsonl, "w", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+    print("\n".join(lines) if args.json else format_table(report, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
