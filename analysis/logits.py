@@ -62,17 +62,9 @@ def readout_from_model(model: torch.nn.Module) -> Readout:
 
 
 def load_readout(model_path: str, device: str = "cpu") -> Readout:
-    from transformers import AutoModelForCausalLM
+    from analysis.sources import load_causal_lm
 
-    from harvest.config import ModelConfig
-    from harvest.model import _load, resolve_device
-
-    model = _load(ModelConfig(path=model_path),
-                  lambda path, common: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **common))
-    readout = readout_from_model(model)
-    target = resolve_device(device)
-    return Readout(readout.unembedding.to(target), None if readout.gain is None else readout.gain.to(target),
-                   readout.centre)
+    return readout_from_model(load_causal_lm(model_path, device))
 
 
 def logit_effects(W_dec: torch.Tensor, readout: Readout, tokenizer, top: int = 10,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.sources import AnalysisError, token_strings
-from analysis.steering import LoadedRun, check_features, check_width, context_limit, feature_values, open_run
+from analysis.sources import AnalysisError, LoadedRun, check_width, open_run, token_strings
+from analysis.steering import check_features, context_limit, feature_values
 from harvest import packing
 from harvest.hooks import Capture, count_blocks, parse_hook, prune_after
 

@@ -1,5 +1,5 @@
 """What an analysis reads: the dictionary (by name, under the run), the store it describes, and
-the model's tokenizer; with the checks that they belong together."""
+the model (tokenizer, causal LM); with the checks that they belong together."""
 
 from __future__ import annotations
 
@@ -109,3 +109,42 @@ def token_strings(tokenizer, token_ids) -> list[str]:
             cache[token_id] = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
         strings.append(cache[token_id])
     return strings
+
+
+def load_causal_lm(path: str, device: str, revision: str | None = None):
+    """The whole causal LM in float32 (steering needs the LM head), eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from harvest.model import ModelError, resolve_device
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load causal LM {path!r}: {error}") from error
+    return model.to(resolve_device(device)).eval().requires_grad_(False)
+
+
+@dataclass
+class LoadedRun:
+    """What steering and monitoring share: the dictionary, its store's facts, model and tokenizer."""
+    dictionary: Dictionary
+    hook: str
+    model_path: str
+    manifest: dict
+    tokenizer: object
+
+
+def open_run(run_url: str, dictionary_name: str | None, store: str | None, model: str | None,
+             storage_options: dict | None = None) -> LoadedRun:
+    dictionary = open_dictionary(run_url, dictionary_name, storage_options)
+    opened = open_store(dictionary, store, run_url, storage_options)
+    path = model_path(opened, model)
+    return LoadedRun(dictionary=dictionary, hook=opened.manifest["hook"], model_path=path,
+                     manifest=opened.manifest, tokenizer=load_tokenizer(path))
+
+
+def check_width(model: torch.nn.Module, loaded: LoadedRun) -> None:
+    d_in = int(loaded.dictionary.config["d_in"])
+    if int(model.config.hidden_size) != d_in:
+        raise AnalysisError(f"model {loaded.model_path} has hidden size {model.config.hidden_size} but dictionary "
+                            f"{loaded.dictionary.name} takes {d_in}-wide activations")

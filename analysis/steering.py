@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analysis import atlas
-from analysis.sources import AnalysisError, Dictionary, model_path, open_dictionary, open_store
+from analysis.sources import AnalysisError, Dictionary, check_width, load_causal_lm, open_run
 from harvest.hooks import count_blocks
 from train.architectures import SparseCode
 from train.evaluate import Splice
@@ -247,47 +247,6 @@ def resolve_values(features: dict[int, float | str], dictionary: Dictionary, run
                                 f"{maximum or 0}), so {multiple} of it is 0; give an absolute value instead")
         resolved[feature] = float(multiple[:-1]) * float(maximum)
     return resolved
-
-
-def load_causal_lm(path: str, device: str, revision: str | None = None):
-    """The whole causal LM in float32 (steering needs the LM head), eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM
-
-    from harvest.model import ModelError, resolve_device
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load causal LM {path!r}: {error}") from error
-    return model.to(resolve_device(device)).eval().requires_grad_(False)
-
-
-@dataclass
-class LoadedRun:
-    """What steering and monitoring share: the dictionary, its store's facts, model and tokenizer."""
-    dictionary: Dictionary
-    hook: str
-    model_path: str
-    manifest: dict
-    tokenizer: object
-
-
-def open_run(run_url: str, dictionary_name: str | None, store: str | None, model: str | None,
-             storage_options: dict | None = None) -> LoadedRun:
-    from analysis.sources import load_tokenizer
-
-    dictionary = open_dictionary(run_url, dictionary_name, storage_options)
-    opened = open_store(dictionary, store, run_url, storage_options)
-    path = model_path(opened, model)
-    return LoadedRun(dictionary=dictionary, hook=opened.manifest["hook"], model_path=path,
-                     manifest=opened.manifest, tokenizer=load_tokenizer(path))
-
-
-def check_width(model: torch.nn.Module, loaded: LoadedRun) -> None:
-    d_in = int(loaded.dictionary.config["d_in"])
-    if int(model.config.hidden_size) != d_in:
-        raise AnalysisError(f"model {loaded.model_path} has hidden size {model.config.hidden_size} but dictionary "
-                            f"{loaded.dictionary.name} takes {d_in}-wide activations")
 
 
 def steer_run(run_url: str, prompt: str, features: dict[int, float | str], dictionary_name: str | None = None,

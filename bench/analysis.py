@@ -11,7 +11,10 @@ statistics: the same store tokens, counted three ways, interleaved in ``--repeat
 
 Prints tokens/s (median and best round) and the ratio to (a) (target: (b) >= 0.8), and checks
 that (b) and (c) give identical statistics. Defaults: the demo run's store and TopK dictionary.
-Usage: python bench/analysis.py [--repeats 3] [--workers 2] [--max-tokens N] [--only statistics]
+site: wall time of ``analysis.site.build_site`` for a synthetic 16,384-feature atlas
+(``bench/site_build.py``, which also runs on its own).
+
+Usage: python bench/analysis.py [--repeats 3] [--workers 2] [--max-tokens N] [--only statistics,site]
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=AnalysisConfig.batch_rows)
     parser.add_argument("--max-tokens", type=int, default=None, help="count only the first N store tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for (a) and (b)")
-    parser.add_argument("--only", default="statistics", help="comma list of sections: statistics")
+    parser.add_argument("--only", default="statistics,site", help="comma list of sections: statistics, site")
+    parser.add_argument("--site-features", type=int, default=16384, help="features of the site-build section")
     args = parser.parse_args()
     only = {part.strip() for part in args.only.split(",") if part.strip()}
     torch.set_num_threads(args.threads)
@@ -123,7 +127,16 @@ def main() -> None:
     if "statistics" in only:
         measure_statistics(args, store, dictionary)
 
-    # ---- section 2 (to come): site build time
+    # ---- section 2: wall time to build the HTML site of a synthetic atlas (bench/site_build.py)
+    if "site" in only:
+        import importlib.util
+
+        # bench/ is kept off sys.path (see above), so load the sibling script by its file.
+        spec = importlib.util.spec_from_file_location("site_build", os.path.join(BENCH, "site_build.py"))
+        site_build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(site_build)
+        print(flush=True)
+        site_build.main(["--features", str(args.site_features)])
 
     # Another busy process on a small machine distorts 2-thread ATen ops badly.
     print(f"\nload average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} "
