@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import time
 
+import torch
+
 from analysis import atlas, geometry
 from analysis.config import AnalysisConfig
 from analysis.sources import load_tokenizer, model_path, open_dictionary, open_store
@@ -34,7 +36,10 @@ def build_atlas(config: AnalysisConfig) -> dict:
     folder = atlas.analysis_url(config.run, dictionary.name)
     record_stage(config.run, config.storage_options, "analysis", {**dataclasses.asdict(config),
                                                                   "dictionary": dictionary.name})
-    device = resolve_device(config.device)
+    # The driver may run on a CPU-only head node while its Ray tasks get GPUs ("cuda" there): its
+    # own work (logit effects, neighbours) then runs on the CPU.
+    local = "cpu" if config.device.startswith("cuda") and not torch.cuda.is_available() else config.device
+    device = resolve_device(local)
     module = dictionary.module.to(device)
     path = model_path(store, config.model)
     tokenizer = load_tokenizer(path)
@@ -53,7 +58,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
     contexts = timed("contexts", lambda: build_contexts(store, module, examples, tokenizer, config))
     atlas.write_table(folder, "contexts", contexts, config.storage_options)
 
-    readout = timed("load model head", lambda: load_readout(path, config.device))
+    readout = timed("load model head", lambda: load_readout(path, local))
     logits = timed("logit effects", lambda: logit_effects(module.W_dec, readout, tokenizer, config.logit_tokens))
     atlas.write_table(folder, "logits", logits, config.storage_options)
     readout = None  # the unembedding is the largest tensor here; free it before the map

@@ -489,10 +489,10 @@ def _run_tasks(store: ActivationStore, module: torch.nn.Module, groups: list, co
     """At most ``config.workers`` tasks in flight; each partial is merged as soon as it arrives."""
     import ray
 
-    from harvest.cluster import ensure_ray
+    from harvest.cluster import ensure_ray, wants_gpus
 
     ensure_ray(config.ray_address)
-    uses_gpu = resolve_device(config.device).type == "cuda"
+    uses_gpu = wants_gpus(config.device)
     task = ray.remote(_statistics_task).options(num_cpus=config.cpus_per_worker, num_gpus=1 if uses_gpu else 0)
     dictionary_ref = ray.put(on_cpu(module))
     waiting = list(groups)

@@ -20,3 +20,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
+
+
+def wants_gpus(device: str, needed: int = 1) -> bool:
+    """Whether Ray work for ``device`` should request GPUs: always for "cuda", for "auto" when the
+    cluster has at least ``needed`` GPUs now. Decided from the cluster, not the driver, whose node
+    (e.g. a CPU-only head) may have none. An autoscaling cluster whose GPU nodes are not up yet
+    counts as none under "auto": say "cuda" to make the work wait for them."""
+    import ray
+
+    if device.startswith("cuda"):
+        return True
+    return device == "auto" and ray.cluster_resources().get("GPU", 0) >= needed

@@ -61,10 +61,10 @@ def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from harvest.cluster import ensure_ray
+    from harvest.cluster import ensure_ray, wants_gpus
 
     ensure_ray()
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= plan.config.workers
+    use_gpu = wants_gpus(plan.config.device, needed=plan.config.workers)
     fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"plan": plan},
