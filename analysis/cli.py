@@ -7,7 +7,7 @@ import logging
 import sys
 
 from analysis.config import AnalysisConfig
-from harvest.config import ConfigError, assign_dotted, field_help, from_dict, parse_yaml_value, stage_section
+from harvest.config import ConfigError, apply_overrides, field_help, from_dict, stage_section
 
 SUBCOMMANDS = {
     "features": "statistics, contexts, logit effects, neighbours, map and the HTML site of a dictionary",
@@ -17,7 +17,6 @@ SUBCOMMANDS = {
 }
 FLAGS = {"run": "run", "dictionary": "dictionary", "store": "store", "model": "model", "device": "device",
          "workers": "workers", "max_tokens": "max_tokens"}
-STRING_KNOBS = {"run", "dictionary", "store", "model", "device"}
 
 
 def features_parser() -> argparse.ArgumentParser:
@@ -33,17 +32,7 @@ def features_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> AnalysisConfig:
     values = stage_section(args.config, "analysis") if args.config else {}
-    for flag, target in FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            if target not in STRING_KNOBS:
-                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
-            assign_dotted(AnalysisConfig, values, target, value)
-    for assignment in args.set:
-        key, separator, raw = assignment.partition("=")
-        if not separator:
-            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-        assign_dotted(AnalysisConfig, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
+    apply_overrides(AnalysisConfig, values, args, FLAGS, args.set)
     return from_dict(AnalysisConfig, values, "analysis").validate()
 
 

@@ -13,12 +13,11 @@ import yaml
 from harvest.config import (
     ConfigError,
     HarvestConfig,
+    apply_overrides,
     assign_dotted,
     field_help,
-    field_types,
     from_dict,
     harvest_config_from_file,
-    parse_yaml_value,
     to_dict,
 )
 
@@ -60,14 +59,7 @@ def _is_file_spec(spec: str) -> bool:
 
 def resolve_config(args: argparse.Namespace) -> HarvestConfig:
     values = to_dict(harvest_config_from_file(args.config)) if args.config else {}
-    types = field_types(HarvestConfig)
-    for flag, target in FLAG_TARGETS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            # String knobs take the flag verbatim: YAML would turn a revision like 0123 into 83.
-            if not types[target].startswith("str"):
-                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
-            assign_dotted(HarvestConfig, values, target, value)
+    apply_overrides(HarvestConfig, values, args, FLAG_TARGETS, [])
     if args.corpus:
         if len(args.corpus) == 1 and not _is_file_spec(args.corpus[0]):
             assign_dotted(HarvestConfig, values, "corpus.dataset", args.corpus[0])
@@ -80,11 +72,7 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
         values["hook"] = f"{kind}.{args.layer}"
     if args.overwrite:
         values["overwrite"] = True
-    for assignment in args.set:
-        key, _, raw = assignment.partition("=")
-        if not _:
-            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-        assign_dotted(HarvestConfig, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
+    apply_overrides(HarvestConfig, values, args, {}, args.set)
     return from_dict(HarvestConfig, values, "harvest").validate()
 
 

@@ -213,6 +213,25 @@ def assign_dotted(cls: type, values: dict, dotted: str, value) -> None:
     values[leaf] = value
 
 
+def apply_overrides(cls: type, values: dict, args: Any, flags: dict[str, str], assignments: list[str]) -> dict:
+    """Command-line overrides of a config mapping: each flag of ``flags`` (argparse dest → dotted
+    knob) that was given, then each ``--set KEY=VALUE``. String knobs take a flag verbatim (YAML
+    would turn a revision like 0123 into 83); other values are parsed as YAML."""
+    types = field_types(cls)
+    for flag, target in flags.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if not types[target].startswith("str"):
+                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
+            assign_dotted(cls, values, target, value)
+    for assignment in assignments:
+        key, separator, raw = assignment.partition("=")
+        if not separator:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        assign_dotted(cls, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
+    return values
+
+
 def parse_yaml_value(text: str, where: str):
     try:
         return yaml.safe_load(text)

@@ -7,12 +7,11 @@ import logging
 import sys
 
 from harvest import storage
-from harvest.config import ConfigError, assign_dotted, field_help, from_dict, parse_yaml_value, stage_section
+from harvest.config import ConfigError, apply_overrides, field_help, from_dict, stage_section
 from train.config import TrainConfig
 
 FLAGS = {"store": "store", "hook": "hook", "out": "run", "name": "name", "arch": "architecture", "width": "width",
          "k": "k", "batch_size": "batch_size", "tokens": "tokens", "lr": "lr", "seed": "seed", "device": "device"}
-STRING_KNOBS = {"store", "hook", "run", "name", "architecture", "width", "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     values = stage_section(args.config, "train") if args.config else {}
-    for flag, target in FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            if target not in STRING_KNOBS:
-                value = parse_yaml_value(value, "--" + flag.replace("_", "-"))
-            assign_dotted(TrainConfig, values, target, value)
-    for assignment in args.set:
-        key, separator, raw = assignment.partition("=")
-        if not separator:
-            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-        assign_dotted(TrainConfig, values, key.strip(), parse_yaml_value(raw, f"--set {key.strip()}"))
+    apply_overrides(TrainConfig, values, args, FLAGS, args.set)
     config = from_dict(TrainConfig, values, "train")
     if not config.store and not config.hook:
         config.hook = harvested_hook(config)
