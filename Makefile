@@ -40,7 +40,8 @@ test: assets browser
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check harvest train analysis tests bench scripts
+	$(VENV)/bin/ruff check harvest train analysis deploy tests bench scripts
+	$(VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile.cpu docker/Dockerfile.cuda
 
 clean:
 	rm -rf runs .pytest_cache
