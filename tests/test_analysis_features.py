@@ -60,7 +60,7 @@ def test_features_builds_every_table_and_the_site(trained_run, capsys):
     assert all(len(row["tokens"]) == len(row["values"]) == len(row["token_ids"]) <= 7 for row in contexts)
     assert (folder / "site" / "index.html").exists()
     run_yaml = (run / "run.yaml").read_text()
-    assert "analysis:" in run_yaml and "harvest:" in run_yaml
+    assert "analysis:" in run_yaml and "harvest:" in run_yaml and "train:" in run_yaml
 
 
 def test_a_store_of_another_hook_is_refused(trained_run, tiny_models, tmp_path):

@@ -305,9 +305,12 @@ def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tok
 
 def fit(config: TrainConfig) -> dict:
     """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
+    from harvest.pool import record_stage
+
     plan = plan_training(config)
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
     storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
+    record_stage(config.run, config.storage_options, "train", {**dataclasses.asdict(config), "name": plan.name})
     if config.workers == 0:
         metrics_log = MetricsLog(plan, track=True)
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
