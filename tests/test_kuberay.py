@@ -29,8 +29,11 @@ from train.config import TrainConfig
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY_DIR = ROOT / "deploy" / "kuberay"
 DOCKER_DIR = ROOT / "docker"
-# The CRDs are shared data next to the checkout (../shared/kuberay-crds/README.md), not a copy.
-CRD_DIR = Path(os.environ.get("LEXICA_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
+# The CRDs are shared data next to the checkout (../shared/kuberay-crds/README.md), not a copy; a
+# clone elsewhere on this machine finds the workspace's copy.
+CRD_CANDIDATES = [Path(os.environ["LEXICA_KUBERAY_CRDS"])] if os.environ.get("LEXICA_KUBERAY_CRDS") else [
+    ROOT.parent / "shared" / "kuberay-crds", Path("/work/shared/kuberay-crds")]
+CRD_DIR = next((path for path in CRD_CANDIDATES if path.is_dir()), CRD_CANDIDATES[0])
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 MANIFEST_FILES = ("raycluster.yaml", "rayjob.yaml", "configmap.yaml", "secret.example.yaml")
 SMOLLM2_D_MODEL = 576
