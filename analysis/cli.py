@@ -7,7 +7,7 @@ import logging
 import sys
 
 from analysis.config import AnalysisConfig
-from harvest.config import ConfigError, apply_overrides, field_help, from_dict, stage_section
+from harvest.config import ConfigError, add_knob_flags, apply_overrides, from_dict, stage_section
 
 SUBCOMMANDS = {
     "features": "statistics, contexts, logit effects, neighbours, map and the HTML site of a dictionary",
@@ -20,13 +20,9 @@ FLAGS = {"run": "run", "dictionary": "dictionary", "store": "store", "model": "m
 
 
 def features_parser() -> argparse.ArgumentParser:
-    helps = {name: text for name, _, text in field_help(AnalysisConfig)}
     parser = argparse.ArgumentParser(prog="python -m analysis features",
                                      description="Build the feature atlas of a dictionary: " + SUBCOMMANDS["features"])
-    parser.add_argument("--config", help="YAML pipeline config; its 'analysis:' section (flags override it)")
-    for flag, target in FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any analysis knob")
+    add_knob_flags(parser, AnalysisConfig, "analysis", FLAGS)
     return parser
 
 

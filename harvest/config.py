@@ -213,6 +213,16 @@ def assign_dotted(cls: type, values: dict, dotted: str, value) -> None:
     values[leaf] = value
 
 
+def add_knob_flags(parser: Any, cls: type, stage: str, flags: dict[str, str]) -> None:
+    """``--config``, one flag per entry of ``flags`` (argparse dest → dotted knob, its help from the
+    knob) and ``--set KEY=VALUE``: the options every stage CLI shares."""
+    helps = {name: text for name, _, text in field_help(cls)}
+    parser.add_argument("--config", help=f"YAML pipeline config; its '{stage}:' section (flags override it)")
+    for flag, target in flags.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"set any {stage} knob")
+
+
 def apply_overrides(cls: type, values: dict, args: Any, flags: dict[str, str], assignments: list[str]) -> dict:
     """Command-line overrides of a config mapping: each flag of ``flags`` (argparse dest → dotted
     knob) that was given, then each ``--set KEY=VALUE``. String knobs take a flag verbatim (YAML

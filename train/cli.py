@@ -7,7 +7,7 @@ import logging
 import sys
 
 from harvest import storage
-from harvest.config import ConfigError, apply_overrides, field_help, from_dict, stage_section
+from harvest.config import ConfigError, add_knob_flags, apply_overrides, from_dict, stage_section
 from train.config import TrainConfig
 
 FLAGS = {"store": "store", "hook": "hook", "out": "run", "name": "name", "arch": "architecture", "width": "width",
@@ -15,13 +15,9 @@ FLAGS = {"store": "store", "hook": "hook", "out": "run", "name": "name", "arch":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    helps = {name: text for name, _, text in field_help(TrainConfig)}
     parser = argparse.ArgumentParser(prog="python -m train",
                                      description="Fit a sparse dictionary on an activation store.")
-    parser.add_argument("--config", help="YAML pipeline config; its 'train:' section (flags override it)")
-    for flag, target in FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any train knob")
+    add_knob_flags(parser, TrainConfig, "train", FLAGS)
     return parser
 
 
