@@ -70,7 +70,8 @@ from harvest.store import (
 )
 from train.architectures import build
 from train.data import Prefetcher, normalisation_scale, shuffled_batches
-from train.loop import FiringTracker, train_step
+from train.loop import FiringTracker, new_optimizer, train_step
+from train.memory import retain_freed_memory
 
 PEERS = {"c": "sae_lens", "d": "sparsify"}  # variant -> module it needs
 PEER_PACKAGES = ["torch==2.13.0", "sae-lens==6.54.12", "eai-sparsify==1.3.3",
@@ -210,10 +211,12 @@ class LexicaStep:
     """(b) What ``train.loop.train_worker`` does per step, minus the schedule and the logging."""
 
     def __init__(self, sizes: Sizes, mean: torch.Tensor, lr: float, dead_tokens: int, variance: float):
+        # As train_worker does. Process-wide: every variant measured in this process gets it too.
+        retain_freed_memory()
         self.dictionary = build("topk", d_in=sizes.d_in, d_sae=sizes.d_sae, k=sizes.k, seed=0)
         with torch.no_grad():
             self.dictionary.b_dec.copy_(mean)
-        self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.optimizer = new_optimizer(self.dictionary, lr)
         self.tracker = FiringTracker.create(sizes.d_sae, "cpu")
         self.dead_tokens, self.variance = dead_tokens, variance
 

@@ -3,6 +3,7 @@ the method's loss and gradients exactly, not an approximation of them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train.architectures import build
@@ -96,10 +97,15 @@ def test_batchtopk_keeps_the_batch_wide_largest_and_infers_with_its_threshold():
     assert torch.equal(code.values.gt(0).sum(1), (pre > threshold).sum(1))
 
 
-def test_topk_with_auxk_equals_a_dense_reference():
+@pytest.mark.parametrize("dead_every", [3, 20, 64, 1],
+                         ids=["a third dead", "fewer dead than aux_k", "one dead", "all dead"])
+def test_topk_with_auxk_equals_a_dense_reference(dead_every):
+    """AuxK selects among gathered dead columns (more dead than aux_k), takes every dead latent
+    (fewer), or masks the full width (most latents dead): each must equal the dense reference."""
     dictionary, x = double_dictionary("topk", aux_k=5)
     dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True  # a third of the latents dead
+    dead[::dead_every] = True
+    aux_k = min(5, int(dead.sum()))
 
     def reference(d):
         pre = (x - d.b_dec) @ d.W_enc + d.b_enc
@@ -108,7 +114,7 @@ def test_topk_with_auxk_equals_a_dense_reference():
         reconstruction = codes @ d.W_dec + d.b_dec
         error = reconstruction - x
         fvu = error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(5, dim=1)
+        aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(aux_k, dim=1)
         aux_codes = torch.zeros_like(pre).scatter(1, aux_indices, aux_values.relu())
         residual = (x - reconstruction).detach()
         auxk = (aux_codes @ d.W_dec - residual).pow(2).sum(1).mean() / (3.0 * float(fvu.detach()) + 1e-12)

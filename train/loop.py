@@ -26,6 +26,7 @@ from train.architectures import build
 from train.config import TrainConfig
 from train.data import Prefetcher, data_variance, normalisation_scale, shuffled_batches
 from train.export import export_dictionary, load_dictionary
+from train.memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,21 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
         peak_lr=config.lr or 2e-4 / math.sqrt(d_sae / 2**14), scale=scale, variance=data_variance(store, scale))
 
 
+def new_optimizer(dictionary: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel where it has one: one pass over each tensor instead of about
+    ten elementwise ones (≈5× less optimiser time on the CPU here). The fused kernel copies a
+    non-contiguous tensor in and out (W_enc is kept column-major: its gradient comes out of the
+    sparse kernels as [d_sae, d_in] rows), which costs more than it saves; those take the foreach
+    path in a second parameter group."""
+    parameters = list(dictionary.parameters())
+    if not all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in parameters):
+        return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    groups = [{"params": [p for p in parameters if p.is_contiguous()], "fused": True},
+              {"params": [p for p in parameters if not p.is_contiguous()], "foreach": True}]
+    return torch.optim.Adam([group for group in groups if group["params"]], lr=lr, betas=(0.9, 0.999),
+                            eps=6.25e-10)
+
+
 def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:
     config = plan.config
     torch.manual_seed(config.seed)
@@ -148,11 +164,12 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
     steps and at the end, the full training state for a checkpoint.
     """
     config = plan.config
+    retain_freed_memory()  # the step's temporaries are reused, not page-faulted in afresh
     store = ActivationStore(plan.store_url, config.storage_options)
     dictionary = new_dictionary(plan, device)
     lanes = config.lanes()
     per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=plan.peak_lr, betas=(0.9, 0.999), eps=6.25e-10)
+    optimizer = new_optimizer(dictionary, plan.peak_lr)
     tracker = FiringTracker.create(plan.d_sae, device)
     start_step = 0
     if resume:

@@ -2,22 +2,21 @@
 
 A code with few non-zeros per row out of d_sae lets decoding and every backward product touch
 only the active (row, latent) pairs. A ``SparsePattern`` describes those pairs once per step, both
-row-major (for ``embedding_bag`` decoding) and latent-major (a CSR matrix [d_sae, batch]); the
-encoder-weight and decoder-weight gradients are then each one CSR × dense product over the same
-structure, sorted once. Codes come in two shapes: fixed k per row ([B, k], TopK) or a flat list of
-(row, latent) pairs with rows ascending (BatchTopK, JumpReLU, ReLU: each row has its own count).
+row-major (rows are the bags of the decode's ``embedding_bag``) and latent-major (latents are the
+bags of the encoder-weight and decoder-weight gradients, each one more ``embedding_bag`` over the
+same ordering, sorted once). ``embedding_bag`` rather than a CSR × dense product: on the CPU its
+kernel ran ≈1.8× faster at 131k pairs × 512 and writes its result once, where the CSR product
+zero-fills, then copies, a dense output. Codes come in two shapes: fixed k per row ([B, k], TopK)
+or a flat list of (row, latent) pairs with rows ascending (BatchTopK, JumpReLU, ReLU: each row
+has its own count).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-# The CSR products used here are tested against dense autograd (tests/test_train_sparse.py).
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class SparsePattern(NamedTuple):
@@ -25,15 +24,16 @@ class SparsePattern(NamedTuple):
     latents: torch.Tensor  # [pairs]
     offsets: torch.Tensor  # [batch] first pair of each row (embedding_bag offsets)
     by_latent: torch.Tensor  # [pairs] permutation ordering pairs by latent
-    latent_starts: torch.Tensor  # [d_sae + 1] CSR row pointers over latents
-    rows_by_latent: torch.Tensor  # [pairs] CSR column indices: rows[by_latent]
+    latent_starts: torch.Tensor  # [d_sae + 1] first pair of each latent in by_latent order, then the total
+    rows_by_latent: torch.Tensor  # [pairs] rows[by_latent]
     batch: int
     d_sae: int
 
-    def by_latent_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """The [d_sae, batch] sparse matrix with ``values`` (in pair order) at the pattern's pairs."""
-        return torch.sparse_csr_tensor(self.latent_starts, self.rows_by_latent, values[self.by_latent],
-                                       (self.d_sae, self.batch), check_invariants=False)
+    def sum_by_latent(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """[d_sae, d]: for each latent, Σ over its pairs of value · dense[row] (``values`` in pair
+        order): the transposed code matrix times ``dense``, touching only the pairs."""
+        return F.embedding_bag(self.rows_by_latent, dense, self.latent_starts, mode="sum",
+                               per_sample_weights=values[self.by_latent], include_last_offset=True)
 
 
 def sparse_pattern(rows: torch.Tensor, latents: torch.Tensor, batch: int, d_sae: int) -> SparsePattern:
@@ -50,7 +50,9 @@ def fixed_k_pattern(indices: torch.Tensor, d_sae: int) -> SparsePattern:
     """The pattern of a [B, k] code."""
     batch, k = indices.shape
     rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-    return sparse_pattern(rows, indices.reshape(-1), batch, d_sae)
+    # contiguous: a broadcast code (the same latents on every row) reshapes to a stride-0 view,
+    # which embedding_bag would read wrongly.
+    return sparse_pattern(rows, indices.reshape(-1).contiguous(), batch, d_sae)
 
 
 class _SelectWithSparseGrad(torch.autograd.Function):
@@ -72,7 +74,7 @@ class _SelectWithSparseGrad(torch.autograd.Function):
         centered_x, W_enc = ctx.saved_tensors
         pattern = ctx.pattern
         grad = grad_values.to(centered_x.dtype)
-        grad_W_enc = (pattern.by_latent_matrix(grad) @ centered_x).t()  # [d_in, d_sae]
+        grad_W_enc = pattern.sum_by_latent(grad, centered_x).t()  # [d_in, d_sae]
         grad_b_enc = torch.zeros(pattern.d_sae, dtype=grad.dtype, device=grad.device)
         grad_b_enc.index_add_(0, pattern.latents, grad)
         # Σ_i g_i · W_enc[:, latent_i] is W_enc applied to the b_enc gradient; the input was
@@ -82,13 +84,19 @@ class _SelectWithSparseGrad(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """Σ_pairs value · W_dec[latent] per row: forward with ``embedding_bag``; backward gives the
-    values' gradient with embedding_bag's own kernel and W_dec's as one CSR product."""
+    """Σ_pairs value · W_dec[latent] per row (+ bias − target): forward with ``embedding_bag``
+    and the two in place, so a reconstruction error costs one [batch, d_in] tensor, not three;
+    backward gives the values' gradient with embedding_bag's own kernel and W_dec's as a
+    latent-major embedding_bag."""
 
     @staticmethod
-    def forward(ctx, values, W_dec, pattern):
+    def forward(ctx, values, W_dec, bias, target, pattern):
         output, offset2bag, _, _ = torch.ops.aten._embedding_bag(
             W_dec, pattern.latents, pattern.offsets, False, 0, False, values, False, -1)
+        if bias is not None:
+            output.add_(bias)
+        if target is not None:
+            output.sub_(target)
         ctx.save_for_backward(values, W_dec, offset2bag)
         ctx.pattern = pattern
         return output
@@ -100,8 +108,9 @@ class _SparseDecode(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad_output, W_dec, pattern.latents, pattern.offsets, offset2bag, 0, -1)
-        grad_W_dec = pattern.by_latent_matrix(values.to(grad_output.dtype)) @ grad_output  # [d_sae, d_in]
-        return grad_values, grad_W_dec, None
+        grad_W_dec = pattern.sum_by_latent(values.to(grad_output.dtype), grad_output)  # [d_sae, d_in]
+        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_values, grad_W_dec, grad_bias, None, None
 
 
 def select_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
@@ -111,9 +120,14 @@ def select_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc
     return flat.view(values.shape)
 
 
-def sparse_decode(values: torch.Tensor, W_dec: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """Training decode (without b_dec) of ``values`` ([B, k] or flat) at the pattern's pairs."""
-    return _SparseDecode.apply(values.reshape(-1), W_dec, pattern)
+def sparse_decode(values: torch.Tensor, W_dec: torch.Tensor, pattern: SparsePattern, bias: torch.Tensor | None = None,
+                  target: torch.Tensor | None = None) -> torch.Tensor:
+    """Training decode of ``values`` ([B, k] or flat) at the pattern's pairs, plus ``bias`` (b_dec)
+    and minus ``target`` when given: the reconstruction, or its error against data. ``target``
+    gets no gradient."""
+    if target is not None and target.requires_grad:
+        raise ValueError("sparse_decode's target must be data (it gets no gradient)")
+    return _SparseDecode.apply(values.reshape(-1), W_dec, bias, target, pattern)
 
 
 def decode_code(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class SparseCode(NamedTuple):
 
 class TrainOutput(NamedTuple):
     loss: torch.Tensor
-    reconstruction: torch.Tensor
+    error: torch.Tensor  # reconstruction − input
     code: SparseCode | None  # None when the batch was decoded densely (e.g. early ReLU training)
     fvu: torch.Tensor
     terms: dict  # named loss terms, detached floats for metrics

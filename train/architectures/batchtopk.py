@@ -38,9 +38,9 @@ class BatchTopK(TopK):
         self._track_threshold(values)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
-        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
-        return self.losses(x, centered, reconstruction, padded_code(rows, latents, values, len(x)), dead_mask,
-                           variance, pre_activations)
+        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
+        return self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
+                           pre_activations)
 
     @torch.no_grad()
     def _track_threshold(self, selected: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ from torch import nn
 from train.architectures import SparseCode, TrainOutput, register
 from train.architectures.parts import (
     firing_counts,
-    fraction_of_variance_unexplained,
     linear_warmup,
     padded_code,
     reconstruction_loss,
@@ -85,13 +84,12 @@ class JumpReLU(nn.Module):
         moved = theta - theta.detach()
         values = values * pair_active + moved * (-theta.detach() / self.bandwidth * pair_near)
         steps = pair_active.to(x.dtype) + moved * (-pair_near / self.bandwidth)
-        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
-        error = reconstruction - x
-        fvu = fraction_of_variance_unexplained(error, x)
+        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
+        loss, fvu = reconstruction_loss(error, centered, variance)
         l0 = steps.sum() / len(x)
-        loss = reconstruction_loss(error, fvu, variance) + self.l0_coefficient * self.coefficient_scale * l0
+        loss = loss + self.l0_coefficient * self.coefficient_scale * l0
         code = padded_code(rows[pair_active], latents[pair_active], values.detach()[pair_active], len(x))
-        return TrainOutput(loss, reconstruction, code, fvu, {"fvu": float(fvu.detach()), "l0": float(l0.detach())},
+        return TrainOutput(loss, error, code, fvu, {"fvu": float(fvu.detach()), "l0": float(l0.detach())},
                            firing_counts(code.indices, code.values, self.d_sae))
 
     forward = training_loss

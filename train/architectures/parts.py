@@ -16,15 +16,50 @@ def tied_init(d_in: int, d_sae: int, seed: int, row_norm: float = 1.0) -> tuple[
     return decoder, decoder.t().clone()
 
 
+class _SumOfSquares(torch.autograd.Function):
+    """Σ error² as one dot product, with a one-pass backward (2·g·error). Autograd's pow → sum →
+    mean chain allocates and walks a fresh [batch, d_in] tensor at each step, forward and back;
+    on a CPU that is a page-faulting first touch of memory every time."""
+
+    @staticmethod
+    def forward(ctx, error: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(error)
+        flat = error.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (error,) = ctx.saved_tensors
+        return error * (2 * grad)
+
+
+def sum_of_squares(error: torch.Tensor) -> torch.Tensor:
+    return _SumOfSquares.apply(error)
+
+
+@torch.no_grad()
+def batch_variance(shifted: torch.Tensor) -> torch.Tensor:
+    """Σ over the batch of ‖x − batch mean‖², from ``shifted`` = x − c for any constant c (no
+    gradient: targets are data): ‖x − c‖² summed, less B·‖mean − c‖². With c near the mean (the
+    centred input x − b_dec) there is little cancellation, and no [batch, d_in] temporary."""
+    flat = shifted.reshape(-1)
+    mean = shifted.mean(0)
+    return torch.dot(flat, flat) - len(shifted) * torch.dot(mean, mean)
+
+
 def fraction_of_variance_unexplained(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    total_variance = (target - target.mean(0)).pow(2).sum()
-    return error.pow(2).sum() / total_variance.clamp_min(1e-12)
+    return sum_of_squares(error) / batch_variance(target).clamp_min(1e-12)
 
 
-def reconstruction_loss(error: torch.Tensor, fvu: torch.Tensor, variance: float | None) -> torch.Tensor:
-    """FVU of the batch, or, given the data's per-token ``variance``, the mean squared error over
-    it: a plain mean over rows, so data-parallel workers averaging gradients equal one worker."""
-    return fvu if variance is None else error.pow(2).sum(1).mean() / variance
+def reconstruction_loss(error: torch.Tensor, shifted_target: torch.Tensor,
+                        variance: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, batch FVU) of the reconstruction ``error``; ``shifted_target`` is the data less any
+    constant (see ``batch_variance``). Given the data's per-token ``variance``, the loss is the
+    mean squared error over it: a plain mean over rows, so data-parallel workers averaging
+    gradients equal one worker. Without it, the loss is the batch's FVU itself."""
+    squared = sum_of_squares(error)
+    fvu = squared / batch_variance(shifted_target).clamp_min(1e-12)
+    return (fvu, fvu) if variance is None else (squared / (len(error) * variance), fvu.detach())
 
 
 def firing_counts(latents: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -34,10 +69,11 @@ def firing_counts(latents: torch.Tensor, values: torch.Tensor, d_sae: int) -> to
 
 @torch.no_grad()
 def remove_parallel_gradient(W_dec: torch.nn.Parameter) -> None:
-    """Drop the gradient component along each (unit-norm) decoder row: steps then only rotate rows."""
+    """Drop the gradient component along each (unit-norm) decoder row: steps then only rotate rows.
+    In place, with no [d_sae, d_in] temporary (a batched row-by-row dot product, then addcmul)."""
     if W_dec.grad is not None:
-        parallel = (W_dec.grad * W_dec).sum(dim=1, keepdim=True)
-        W_dec.grad -= parallel * W_dec
+        parallel = torch.bmm(W_dec.grad.unsqueeze(1), W_dec.unsqueeze(2)).view(-1, 1)
+        W_dec.grad.addcmul_(parallel, W_dec, value=-1)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from torch import nn
 
 from train.architectures import SparseCode, TrainOutput, register
 from train.architectures.parts import (
-    fraction_of_variance_unexplained,
+    batch_variance,
     linear_warmup,
     padded_code,
     reconstruction_loss,
@@ -62,26 +62,25 @@ class ReLU(nn.Module):
             pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
             values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
                                              pre_activations[rows, latents], pattern)
-            reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
+            error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
             l1 = (values * decoder_norms[latents]).sum() / len(x)
             code = padded_code(rows, latents, values.detach(), len(x))
             fired = torch.bincount(latents, minlength=self.d_sae)
         else:
             codes = torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
-            reconstruction = torch.addmm(self.b_dec, codes, self.W_dec)
+            error = torch.addmm(self.b_dec, codes, self.W_dec).sub_(x)
             l1 = (codes * decoder_norms).sum() / len(x)
             code = None  # materialising a padded code of a dense batch would cost more than the step
             fired = (codes.detach() > 0).sum(0)
         # The next step takes the sparse path once this one was sparse enough.
         self.sparse_path = float(fired.sum()) < SPARSE_BELOW * len(x) * self.d_sae
-        error = reconstruction - x
-        fvu = fraction_of_variance_unexplained(error, x)
+        loss, fvu = reconstruction_loss(error, centered, variance)
         # In the units of the reconstruction loss (per-token variance), so λ means what it means
         # in the paper whatever the loss normalisation.
-        per_token_variance = variance if variance is not None else float((x - x.mean(0)).pow(2).sum(1).mean())
+        per_token_variance = variance if variance is not None else float(batch_variance(centered)) / len(x)
         scale = 1.0 / per_token_variance
-        loss = reconstruction_loss(error, fvu, variance) + self.l1_coefficient * self.coefficient_scale * scale * l1
-        return TrainOutput(loss, reconstruction, code, fvu,
+        loss = loss + self.l1_coefficient * self.coefficient_scale * scale * l1
+        return TrainOutput(loss, error, code, fvu,
                            {"fvu": float(fvu.detach()), "l1": float(l1.detach()),
                             "l0": float(fired.sum()) / len(x)}, fired)
 

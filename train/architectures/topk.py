@@ -14,8 +14,10 @@ from train.architectures.parts import (
     normalise_rows,
     reconstruction_loss,
     remove_parallel_gradient,
+    sum_of_squares,
     tied_init,
 )
+from train.selection import topk_rows
 from train.sparse import decode_code, fixed_k_pattern, select_with_sparse_grad, sparse_decode
 
 
@@ -62,7 +64,7 @@ class TopK(nn.Module):
             pre_activations = self.pre_activations(centered)
         if mask is not None:
             pre_activations.masked_fill_(~mask, float("-inf"))
-        return pre_activations.topk(k, dim=1, sorted=False)
+        return topk_rows(pre_activations, k)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         values, indices = self._select(x - self.b_dec, self.k)
@@ -78,39 +80,52 @@ class TopK(nn.Module):
         values, indices = self._select(centered, self.k, pre_activations=pre_activations)
         pattern = fixed_k_pattern(indices, self.d_sae)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
-        reconstruction = sparse_decode(values, self.W_dec, pattern) + self.b_dec
-        return self.losses(x, centered, reconstruction, SparseCode(values, indices), dead_mask, variance,
-                           pre_activations)
+        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
+        return self.losses(x, centered, error, SparseCode(values, indices), dead_mask, variance, pre_activations)
 
-    def losses(self, x, centered, reconstruction, code: SparseCode, dead_mask, variance,
+    def losses(self, x, centered, error, code: SparseCode, dead_mask, variance,
                pre_activations: torch.Tensor) -> TrainOutput:
-        """Reconstruction loss plus AuxK; ``code`` may be padded with zero values; AuxK reuses (and
-        overwrites) the batch's ``pre_activations`` instead of a second encoder matmul."""
-        error = reconstruction - x
-        fvu = fraction_of_variance_unexplained(error, x)
-        auxk = self._auxk(centered, x, reconstruction, dead_mask, fvu, variance, pre_activations)
-        loss = reconstruction_loss(error, fvu, variance) + self.aux_coefficient * auxk.nan_to_num(0.0)
+        """Reconstruction loss plus AuxK from the reconstruction ``error``; ``code`` may be padded
+        with zero values; AuxK reuses (and overwrites) the batch's ``pre_activations`` instead of a
+        second encoder matmul."""
+        loss, fvu = reconstruction_loss(error, centered, variance)
+        auxk = self._auxk(centered, error, dead_mask, fvu, variance, pre_activations)
+        loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
         fired = firing_counts(code.indices, code.values.detach(), self.d_sae)
-        return TrainOutput(loss, reconstruction, code, fvu,
+        return TrainOutput(loss, error, code, fvu,
                            {"fvu": float(fvu.detach()), "auxk": float(auxk.detach()),
                             "l0": float(fired.sum()) / len(x)}, fired)
 
-    def _auxk(self, centered, x, reconstruction, dead_mask, fvu, variance, pre_activations) -> torch.Tensor:
+    def _auxk(self, centered, error, dead_mask, fvu, variance, pre_activations) -> torch.Tensor:
         """AuxK: dead latents try to explain what the live ones miss (the residual), which pulls
         them back into use without disturbing the main reconstruction."""
         dead_count = int(dead_mask.sum()) if dead_mask is not None else 0
         if not dead_count:
-            return torch.zeros((), device=x.device)
-        aux_k = min(self.aux_k, dead_count)
-        aux_values, aux_indices = self._select(centered, aux_k, dead_mask.unsqueeze(0), pre_activations)
+            return torch.zeros((), device=error.device)
+        aux_values, aux_indices = self._select_dead(centered, min(self.aux_k, dead_count), dead_mask,
+                                                    pre_activations)
         aux_pattern = fixed_k_pattern(aux_indices, self.d_sae)
         aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
                                              aux_pattern).relu()
-        residual = (x - reconstruction).detach()
-        aux_error = sparse_decode(aux_values, self.W_dec, aux_pattern) - residual
+        residual = -error.detach()
+        aux_error = sparse_decode(aux_values, self.W_dec, aux_pattern, target=residual)
         if variance is None:
             return fraction_of_variance_unexplained(aux_error, residual)
-        return aux_error.pow(2).sum(1).mean() / (variance * float(fvu.detach()) + 1e-12)
+        return sum_of_squares(aux_error) / len(aux_error) / (variance * float(fvu.detach()) + 1e-12)
+
+    def _select_dead(self, centered, aux_k: int, dead_mask: torch.Tensor, pre_activations: torch.Tensor):
+        """The top ``aux_k`` dead latents of each row. Usually few latents are dead: their columns
+        are gathered and selected among (all of them, when they are no more than ``aux_k``), not a
+        top-k over the full width with every live latent masked out; with most latents dead the
+        masked full-width selection is cheaper (it overwrites ``pre_activations``)."""
+        dead_latents = dead_mask.nonzero().view(-1)
+        if 2 * len(dead_latents) > self.d_sae:
+            return self._select(centered, aux_k, dead_mask.unsqueeze(0), pre_activations)
+        dead_pre_activations = pre_activations.index_select(1, dead_latents)  # [batch, dead]
+        if aux_k == len(dead_latents):
+            return dead_pre_activations, dead_latents.expand_as(dead_pre_activations)
+        values, columns = topk_rows(dead_pre_activations, aux_k)
+        return values, dead_latents[columns]
 
     def forward(self, x, dead_mask=None, variance=None) -> TrainOutput:
         return self.training_loss(x, dead_mask, variance)  # late-bound: subclasses change the loss
