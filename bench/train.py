@@ -543,12 +543,14 @@ def step_part(event) -> str:
             return "Adam step"
         if name.startswith("autograd::engine::evaluate_function: "):
             function = name.split(": ", 1)[1]
-            return {"_SelectWithSparseGradBackward": "backward: encoder grads (CSR sparse x dense)",
-                    "_SparseDecodeBackward": "backward: sparse decode (values + CSR decoder grad)",
+            return {"_SelectWithSparseGradBackward": "backward: encoder grads (embedding_bag by latent)",
+                    "_SparseDecodeBackward": "backward: sparse decode (values + decoder grad)",
                     "EmbeddingBagBackward0": "backward: sparse decode (embedding_bag)"}.get(
                 function, "backward: losses, elementwise")
     for name in reversed(names):  # outermost first: aten::addmm inside aten::linear etc.
-        part = {"aten::addmm": "forward: dense encoder matmul", "aten::topk": "forward: topk",
+        part = {"aten::addmm": "forward: dense encoder matmul", "aten::topk": "forward: top-k selection",
+                # train.selection: group maxima, then the candidates' values and columns
+                "aten::amax": "forward: top-k selection", "aten::gather": "forward: top-k selection",
                 "aten::embedding_bag": "forward: sparse decode (embedding_bag)",
                 "aten::_embedding_bag": "forward: sparse decode (embedding_bag)"}.get(name)
         if part:
