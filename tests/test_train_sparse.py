@@ -70,3 +70,21 @@ def test_flat_codes_with_per_row_counts_match_dense_autograd():
         return ((decoded + p["b_dec"] - target) ** 2).sum()
 
     assert_same_values_and_gradients(dense_loss, sparse_loss, parameters)
+
+
+def test_pair_dots_equal_a_direct_product_with_empty_rows_and_latents():
+    """The code gradient on the CPU (a sampled product) equals embedding_bag's own backward (the
+    path elsewhere) and ⟨left[row], right[latent]⟩ computed pair by pair."""
+    generator = torch.Generator().manual_seed(2)
+    batch, d_sae, d_in = 40, 30, 12
+    active = torch.rand(batch, d_sae, generator=generator) < 0.1
+    active[7] = False  # a row with no pairs; latents with none occur too at this density
+    rows, latents = active.nonzero(as_tuple=True)
+    pattern = sparse_pattern(rows, latents, batch, d_sae)
+    left, right = torch.randn(batch, d_in, generator=generator), torch.randn(d_sae, d_in, generator=generator)
+    expected = (left[rows] * right[latents]).sum(1)
+    torch.testing.assert_close(pattern.pair_dots(left, right), expected)
+    _, offset2bag, _, _ = torch.ops.aten._embedding_bag(right, latents, pattern.offsets, False, 0, False,
+                                                         torch.ones(len(rows)), False, -1)
+    torch.testing.assert_close(torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        left, right, latents, pattern.offsets, offset2bag, 0, -1), expected)
