@@ -25,7 +25,7 @@ import torch
 SMALLEST_GROUP = 8  # below this the two small top-k's cost more than the full one saves
 
 
-class TopK(NamedTuple):
+class Selection(NamedTuple):
     values: torch.Tensor  # [rows, k], in no particular order
     indices: torch.Tensor  # [rows, k] column of each value
 
@@ -39,12 +39,12 @@ def group_size(width: int, k: int) -> int:
     return size if size >= SMALLEST_GROUP else 0
 
 
-def topk_rows(matrix: torch.Tensor, k: int) -> TopK:
+def topk_rows(matrix: torch.Tensor, k: int) -> Selection:
     """The k largest entries of every row of a 2-D ``matrix`` and their columns (unsorted)."""
     rows, width = matrix.shape
     size = group_size(width, k) if matrix.device.type == "cpu" and matrix.is_contiguous() else 0
     if not size:
-        return TopK(*matrix.topk(k, dim=1, sorted=False))
+        return Selection(*matrix.topk(k, dim=1, sorted=False))
     groups = width // size
     group_maxima = matrix.view(rows, size, groups).amax(1)  # [rows, G]
     _, best_groups = group_maxima.topk(k, dim=1, sorted=False)  # [rows, k]
@@ -52,4 +52,4 @@ def topk_rows(matrix: torch.Tensor, k: int) -> TopK:
     strides = torch.arange(0, width, groups, device=matrix.device)
     candidates = (best_groups.unsqueeze(2) + strides).view(rows, k * size)
     values, chosen = matrix.gather(1, candidates).topk(k, dim=1, sorted=False)
-    return TopK(values, candidates.gather(1, chosen))
+    return Selection(values, candidates.gather(1, chosen))
