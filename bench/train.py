@@ -551,6 +551,7 @@ def step_part(event) -> str:
         part = {"aten::addmm": "forward: dense encoder matmul", "aten::topk": "forward: top-k selection",
                 # train.selection: group maxima, then the candidates' values and columns
                 "aten::amax": "forward: top-k selection", "aten::gather": "forward: top-k selection",
+                "lexica::topk_rows": "forward: top-k selection",  # the C kernel (train/native.py)
                 "aten::embedding_bag": "forward: sparse decode (embedding_bag)",
                 "aten::_embedding_bag": "forward: sparse decode (embedding_bag)"}.get(name)
         if part:

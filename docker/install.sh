@@ -41,5 +41,9 @@ for name in ("torch", "ray"):
 PYTHON
 "${pip_install[@]}" --constraint "$constraints_file" "$project_dir"
 
+# Build TopK's CPU selection kernel into the cache now, so CPU workers start with it; without a
+# C compiler in the image this only prints that training takes the (slower) PyTorch path.
+python -c 'import logging; logging.basicConfig(level=logging.INFO); from train import native; native.load("topk_rows")'
+
 # Fail the build here, not on a cluster, if a stage cannot even start.
 python -c 'import analysis, harvest, ray, torch, train, transformers; print("lexica installed:", "torch", torch.__version__, "ray", ray.__version__)'

@@ -299,6 +299,18 @@ def test_stages_start_from_the_installed_package(cpu_image):
     assert "--config" in pipeline_help
 
 
+def test_installed_package_ships_and_builds_the_native_kernel(cpu_image, tmp_path):
+    """kernels/*.c is package data: the installed train package must build its selection kernel
+    (into a fresh cache here, so the checkout's build cannot stand in for it)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    env = dict(cpu_image.env, LEXICA_NATIVE_CACHE=str(tmp_path))
+    result = subprocess.run(["python", "-c", "from train import native; print(native.load('topk_rows')._name)"],
+                            cwd=cpu_image.workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == tmp_path
+
+
 def test_runtime_libraries_import_with_the_pinned_torch(cpu_image):
     versions = run_in(cpu_image, "python", "-c", "import ray, torch, transformers; "
                       "print(ray.__version__, torch.__version__, transformers.__version__)").stdout.split()

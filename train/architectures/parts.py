@@ -70,9 +70,10 @@ def firing_counts(latents: torch.Tensor, values: torch.Tensor, d_sae: int) -> to
 @torch.no_grad()
 def remove_parallel_gradient(W_dec: torch.nn.Parameter) -> None:
     """Drop the gradient component along each (unit-norm) decoder row: steps then only rotate rows.
-    In place, with no [d_sae, d_in] temporary (a batched row-by-row dot product, then addcmul)."""
+    In place, with no [d_sae, d_in] temporary (row-by-row dot products, then addcmul); vecdot
+    rather than a batched matmul, which ran ~3x slower here."""
     if W_dec.grad is not None:
-        parallel = torch.bmm(W_dec.grad.unsqueeze(1), W_dec.unsqueeze(2)).view(-1, 1)
+        parallel = torch.linalg.vecdot(W_dec.grad, W_dec).unsqueeze(1)
         W_dec.grad.addcmul_(parallel, W_dec, value=-1)
 
 
