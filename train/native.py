@@ -92,9 +92,14 @@ def build(name: str) -> Path:
     descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
     os.close(descriptor)
     try:
-        result = subprocess.run([cc, *flags, "-o", partial, str(source)], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
+        # OpenMP first: a kernel then shares PyTorch's OpenMP threads (see topk_rows.c); a compiler
+        # without it (clang lacking libomp) builds the kernel's POSIX-threads variant.
+        for attempt in (["-fopenmp"], []):
+            result = subprocess.run([cc, *flags, *attempt, "-o", partial, str(source)], capture_output=True,
+                                    text=True, timeout=120)
+            if result.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} failed on {source.name}: {result.stderr.strip()[-800:]}")
         os.replace(partial, target)
     finally:

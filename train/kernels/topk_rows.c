@@ -213,10 +213,34 @@ static void *select_rows(void *argument) {
     return NULL;
 }
 
+/* values/columns: [rows, k] outputs. groups: a multiple of 8 with k <= groups <= width.
+   Returns 0, 1 if a row holds a NaN (outputs then incomplete), -1 on a resource failure.
+
+   Built with OpenMP (train/native.py tries -fopenmp first), the rows are shared out by the same
+   OpenMP runtime PyTorch's CPU kernels run on (its bundled libgomp.so.1 is already loaded, and the
+   loader binds this library to it): the threads that just ran the encoder matmul are still
+   spinning in that runtime and take the rows at once. Threads of our own would contend with
+   them for the cores instead (measured: ~40% slower right after a matmul on 2 cores). Without
+   OpenMP, POSIX threads. */
+#ifdef _OPENMP
+int lexica_topk_rows_f32(const float *matrix, int64_t rows, int64_t width, int64_t k, int64_t groups,
+                         float *values, int64_t *columns, int threads) {
+    if (k < 1 || groups < k || groups > width || groups % 8) return -1;
+    if (threads < 1) threads = 1;
+    int64_t chunks = rows < 4 * (int64_t)threads ? rows : 4 * (int64_t)threads; /* some slack for balance */
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : status)
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
+        rows_job_t job = {matrix, width, k, groups, values, columns, rows * chunk / chunks,
+                          rows * (chunk + 1) / chunks, 0};
+        select_rows(&job);
+        status |= job.saw_nan < 0 ? 2 : job.saw_nan;
+    }
+    return status & 2 ? -1 : status;
+}
+#else
 #define MAX_THREADS 256
 
-/* values/columns: [rows, k] outputs. groups: a multiple of 8 with k <= groups <= width.
-   Returns 0, 1 if a row holds a NaN (outputs then incomplete), -1 on a resource failure. */
 int lexica_topk_rows_f32(const float *matrix, int64_t rows, int64_t width, int64_t k, int64_t groups,
                          float *values, int64_t *columns, int threads) {
     if (k < 1 || groups < k || groups > width || groups % 8) return -1;
@@ -244,3 +268,4 @@ int lexica_topk_rows_f32(const float *matrix, int64_t rows, int64_t width, int64
     }
     return status;
 }
+#endif
