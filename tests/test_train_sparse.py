@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+
+import pytest
 import torch
 
-from train.sparse import fixed_k_pattern, select_with_sparse_grad, sparse_decode, sparse_pattern
+from train import native, sparse
+from train.sparse import (
+    decode_backward_kernel,
+    fixed_k_pattern,
+    native_decode_backward,
+    select_with_sparse_grad,
+    sparse_decode,
+    sparse_pattern,
+)
 
 
 def random_problem(seed: int, batch: int, d_in: int, d_sae: int):
@@ -88,3 +100,73 @@ def test_pair_dots_equal_a_direct_product_with_empty_rows_and_latents():
                                                          torch.ones(len(rows)), False, -1)
     torch.testing.assert_close(torch.ops.aten._embedding_bag_per_sample_weights_backward(
         left, right, latents, pattern.offsets, offset2bag, 0, -1), expected)
+
+
+def decode_backward_by_pytorch(grad_output, W_dec, values, pattern):
+    return pattern.pair_dots(grad_output, W_dec), pattern.sum_by_latent(values, grad_output)
+
+
+def portable_decode_backward(tmp_path):
+    """decode_backward.c built without OpenMP or AVX flags: its single-threaded, generic build."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    path = tmp_path / "decode_backward_portable.so"
+    subprocess.run([native.compiler(), "-O2", "-std=gnu11", "-fPIC", "-shared", "-o", str(path),
+                    str(native.KERNELS / "decode_backward.c")], check=True)
+    kernel = ctypes.CDLL(str(path)).lexica_decode_backward_f32
+    kernel.argtypes, kernel.restype = decode_backward_kernel().argtypes, None
+    return kernel
+
+
+@pytest.mark.parametrize(("batch", "d_sae", "d_in", "density"), [(40, 30, 12, 0.1), (300, 700, 515, 0.02),
+                                                                  (512, 4096, 512, 32 / 4096)])
+def test_native_decode_backward_equals_the_pytorch_path(batch, d_sae, d_in, density, tmp_path, monkeypatch):
+    """Code and decoder gradients by the C kernel (OpenMP/AVX build, and a generic single-thread
+    build) equal the sampled product and the embedding_bag; d_in 515 leaves a scalar tail, and
+    rows and latents with no pairs occur."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert decode_backward_kernel() is not None, "a C compiler is present, yet the kernel did not build"
+    generator = torch.Generator().manual_seed(batch + d_sae)
+    active = torch.rand(batch, d_sae, generator=generator) < density
+    active[3] = False
+    rows, latents = active.nonzero(as_tuple=True)
+    pattern = sparse_pattern(rows, latents, batch, d_sae)
+    grad_output = torch.randn(batch, d_in, generator=generator)
+    W_dec = torch.randn(d_sae, d_in, generator=generator)
+    values = torch.randn(len(rows), generator=generator)
+    expected = decode_backward_by_pytorch(grad_output, W_dec, values, pattern)
+    actual = native_decode_backward(grad_output, W_dec, values, pattern)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(sparse, "decode_backward_kernel", lambda: portable_decode_backward(tmp_path))
+    actual = native_decode_backward(grad_output, W_dec, values, pattern)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_decode_backward_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """float32 on the CPU: the kernel; float64: PyTorch. Both give the same gradients."""
+    calls = []
+    original = sparse.native_decode_backward
+
+    def counting(*arguments):
+        result = original(*arguments)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(sparse, "native_decode_backward", counting)
+    x, parameters, target = random_problem(5, 64, 16, 96)
+    indices = torch.randn(64, 96).topk(5, dim=1).indices
+    pattern = fixed_k_pattern(indices, 96)
+    gradients = {}
+    code = torch.rand(64 * 5, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        values = code.to(dtype).clone().requires_grad_()
+        W_dec = parameters["W_dec"].to(dtype).clone().requires_grad_()
+        ((sparse_decode(values, W_dec, pattern, target=target.to(dtype))) ** 2).sum().backward()
+        gradients[dtype] = (values.grad, W_dec.grad)
+    kernel_built = native.compiler() is not None
+    assert calls == [False, kernel_built]
+    for float64, float32 in zip(gradients[torch.float64], gradients[torch.float32], strict=True):
+        torch.testing.assert_close(float32.double(), float64, rtol=1e-4, atol=1e-4)

@@ -53,7 +53,7 @@ def cpu_flags() -> set[str]:
 def compile_flags() -> list[str]:
     """Optimised, and on x86-64 with AVX2/FMA when this CPU has them (the kernels' vector paths);
     not -march=native, so a cached build also runs on the other nodes of a cluster of one kind."""
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread"]
+    flags = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread"]
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_flags():
         flags += ["-mavx2", "-mfma"]
     return flags

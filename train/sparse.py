@@ -6,18 +6,26 @@ row-major (rows are the bags of the decode's ``embedding_bag``) and latent-major
 bags of the encoder-weight and decoder-weight gradients, each one more ``embedding_bag`` over the
 same ordering, sorted once). ``embedding_bag`` rather than a CSR × dense product: on the CPU its
 kernel ran ≈1.8× faster at 131k pairs × 512 and writes its result once, where the CSR product
-zero-fills, then copies, a dense output. Codes come in two shapes: fixed k per row ([B, k], TopK)
+zero-fills, then copies, a dense output. On the CPU in float32, the decode's backward is one C
+kernel (``train/kernels/decode_backward.c``, through ``train.native``) that computes the code's
+and the decoder's gradients in one latent-major pass, reading each pair's gradient row once
+(≈4% of a TopK step at the benchmark's shape); the PyTorch products stay as its fallback and
+elsewhere. Codes come in two shapes: fixed k per row ([B, k], TopK)
 or a flat list of (row, latent) pairs with rows ascending (BatchTopK, JumpReLU, ReLU: each row
 has its own count).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from train import native
 
 # sampled_addmm takes its pattern as a CSR tensor; the product is tested against dense autograd.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -100,8 +108,9 @@ class _SelectWithSparseGrad(torch.autograd.Function):
 class _SparseDecode(torch.autograd.Function):
     """Σ_pairs value · W_dec[latent] per row (+ bias − target): forward with ``embedding_bag``
     and the two in place, so a reconstruction error costs one [batch, d_in] tensor, not three;
-    backward gives the values' gradient as a sampled product (on the CPU; elsewhere with
-    embedding_bag's own backward kernel) and W_dec's as a latent-major embedding_bag."""
+    backward gives both gradients by the C kernel where it applies (float32 on the CPU), else the
+    values' gradient as a sampled product (on the CPU; elsewhere with embedding_bag's own backward
+    kernel) and W_dec's as a latent-major embedding_bag."""
 
     @staticmethod
     def forward(ctx, values, W_dec, bias, target, pattern):
@@ -122,14 +131,49 @@ class _SparseDecode(torch.autograd.Function):
         values, W_dec, offset2bag = ctx.saved_tensors
         pattern = ctx.pattern
         grad_output = grad_output.contiguous()
+        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
+        native = native_decode_backward(grad_output, W_dec, values, pattern)
+        if native is not None:
+            return native[0], native[1], grad_bias, None, None
         if offset2bag is None:
             grad_values = pattern.pair_dots(grad_output, W_dec)
         else:
             grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad_output, W_dec, pattern.latents, pattern.offsets, offset2bag, 0, -1)
         grad_W_dec = pattern.sum_by_latent(values.to(grad_output.dtype), grad_output)  # [d_sae, d_in]
-        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
         return grad_values, grad_W_dec, grad_bias, None, None
+
+
+@functools.cache
+def decode_backward_kernel():
+    """train/kernels/decode_backward.c's entry point, signature declared; None without it."""
+    library = native.load("decode_backward")
+    if library is None:
+        return None
+    kernel = library.lexica_decode_backward_f32
+    pointer = ctypes.c_void_p
+    kernel.argtypes = [pointer] * 6 + [ctypes.c_int64, ctypes.c_int64, pointer, pointer, ctypes.c_int]
+    kernel.restype = None
+    return kernel
+
+
+def native_decode_backward(grad_output: torch.Tensor, W_dec: torch.Tensor, values: torch.Tensor,
+                           pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values' gradient, W_dec's gradient) by the C kernel in one latent-major pass over the
+    pairs, for float32 on the CPU; None where it does not apply or is not built."""
+    tensors = (grad_output, W_dec, values, pattern.by_latent, pattern.latent_starts, pattern.rows_by_latent)
+    if not all(tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors) \
+            or not grad_output.dtype == W_dec.dtype == values.dtype == torch.float32:
+        return None
+    kernel = decode_backward_kernel()
+    if kernel is None:
+        return None
+    grad_values = torch.empty_like(values)
+    grad_W_dec = torch.empty_like(W_dec)
+    with torch.profiler.record_function("lexica::decode_backward"):
+        kernel(*(tensor.data_ptr() for tensor in tensors), pattern.d_sae, W_dec.shape[1], grad_values.data_ptr(),
+               grad_W_dec.data_ptr(), torch.get_num_threads())
+    return grad_values, grad_W_dec
 
 
 def select_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
