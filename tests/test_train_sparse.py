@@ -119,11 +119,12 @@ def portable_decode_backward(tmp_path):
 
 
 @pytest.mark.parametrize(("batch", "d_sae", "d_in", "density"), [(40, 30, 12, 0.1), (300, 700, 515, 0.02),
-                                                                  (512, 4096, 512, 32 / 4096)])
+                                                                  (512, 4096, 512, 32 / 4096), (600, 20, 40, 0.5)])
 def test_native_decode_backward_equals_the_pytorch_path(batch, d_sae, d_in, density, tmp_path, monkeypatch):
     """Code and decoder gradients by the C kernel (OpenMP/AVX build, and a generic single-thread
-    build) equal the sampled product and the embedding_bag; d_in 515 leaves a scalar tail, and
-    rows and latents with no pairs occur."""
+    build) equal the sampled product and the embedding_bag; d_in 515 and 40 leave a tail beyond
+    the 32-column chunks, density 0.5 gives latents several groups of 64 pairs, and rows and
+    latents with no pairs occur."""
     if native.compiler() is None:
         pytest.skip("no C compiler on this machine")
     assert decode_backward_kernel() is not None, "a C compiler is present, yet the kernel did not build"

@@ -7,9 +7,11 @@
      grad_values[p] = <G[row_p], W_dec[latent_p]>          (the code's gradient), and
      grad_W_dec[l]  = Σ_{p of latent l} value_p · G[row_p]  (the decoder's gradient)
    in one latent-major pass: each pair's G row is read once, for the dot product and the
-   accumulation together, while the latent's decoder row and its gradient row stay in L1; pairs
-   go two at a time (one load and store of the gradient row per two), the next pairs' G rows
-   prefetched, as they come in no order. ≈1.5× the two PyTorch kernels at 4096 × 512, k 32. The
+   accumulation together. The latent's pairs go in groups of 64, and the row in chunks of 32
+   columns: a chunk of the decoder row and of its gradient stay in registers while every pair of
+   the group passes over it (the pairs' partial dot products wait in L1), each pair prefetching
+   its next chunk; the pairs' rows come in no order. ≈2× the two PyTorch kernels at 4096 × 512,
+   k 32 (the sampled product and an embedding_bag). The
    PyTorch path reads every G row twice, in two kernels. Latents are shared out across OpenMP
    threads (PyTorch's, see topk_rows.c) in chunks; each writes only its latents' rows, so no two
    threads write the same memory. */
@@ -27,60 +29,64 @@ static inline v8 load8(const float *p) {
 
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
+#define GROUP 64 /* pairs whose partial dot products are kept while the row is walked in chunks */
+
 static void latent_backward(const float *G, const float *w, const float *values, const int64_t *by_latent,
                             const int64_t *rows_by_latent, int64_t first, int64_t end, int64_t d,
                             float *grad_values, float *grad_w) {
-    const int64_t vectorised = d / 8 * 8;
-    memset(grad_w, 0, sizeof(float) * d);
-    int64_t p = first;
-    /* Two pairs at a time: one load and store of the gradient row per two pairs. */
-    for (; p + 1 < end; p += 2) {
-        const int64_t pair_a = by_latent[p], pair_b = by_latent[p + 1];
-        const float *a = G + rows_by_latent[p] * d, *b = G + rows_by_latent[p + 1] * d;
-        for (int64_t ahead = p + 2; ahead < end && ahead < p + 4; ahead++)
-            for (int64_t line = 0; line < d; line += 16) __builtin_prefetch(G + rows_by_latent[ahead] * d + line);
-        const float va = values[pair_a], vb = values[pair_b];
-        const v8 va8 = {va, va, va, va, va, va, va, va}, vb8 = {vb, vb, vb, vb, vb, vb, vb, vb};
-        v8 dot_a = {0}, dot_b = {0};
-        int64_t c = 0;
-        for (; c < vectorised; c += 8) {
-            v8 a8 = load8(a + c), b8 = load8(b + c), w8 = load8(w + c);
-            dot_a += a8 * w8;
-            dot_b += b8 * w8;
-            store8(grad_w + c, load8(grad_w + c) + va8 * a8 + vb8 * b8);
-        }
-        float sum_a = 0.0f, sum_b = 0.0f;
-        for (int t = 0; t < 8; t++) {
-            sum_a += dot_a[t];
-            sum_b += dot_b[t];
-        }
-        for (; c < d; c++) {
-            sum_a += a[c] * w[c];
-            sum_b += b[c] * w[c];
-            grad_w[c] += va * a[c] + vb * b[c];
-        }
-        grad_values[pair_a] = sum_a;
-        grad_values[pair_b] = sum_b;
+    const int64_t chunked = d / 32 * 32;
+    v8 dots[GROUP];
+    float tails[GROUP];
+    if (first == end) { /* a latent no row chose */
+        memset(grad_w, 0, sizeof(float) * d);
+        return;
     }
-    for (; p < end; p++) {
-        const int64_t pair = by_latent[p];
-        const float *g = G + rows_by_latent[p] * d;
-        const float value = values[pair];
-        const v8 value8 = {value, value, value, value, value, value, value, value};
-        v8 dot8 = {0};
-        int64_t c = 0;
-        for (; c < vectorised; c += 8) {
-            v8 g8 = load8(g + c);
-            dot8 += g8 * load8(w + c);
-            store8(grad_w + c, load8(grad_w + c) + value8 * g8);
+    for (int64_t start = first; start < end; start += GROUP) {
+        const int64_t count = end - start < GROUP ? end - start : GROUP;
+        for (int64_t j = 0; j < count; j++) {
+            dots[j] = (v8){0};
+            tails[j] = 0.0f;
         }
-        float dot = 0.0f;
-        for (int t = 0; t < 8; t++) dot += dot8[t];
-        for (; c < d; c++) {
-            dot += g[c] * w[c];
-            grad_w[c] += value * g[c];
+        /* 32 columns at a time: the decoder row's and the gradient row's pieces stay in
+           registers while every pair of the group passes over them. */
+        for (int64_t c = 0; c < chunked; c += 32) {
+            const v8 w0 = load8(w + c), w1 = load8(w + c + 8), w2 = load8(w + c + 16), w3 = load8(w + c + 24);
+            v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            if (start > first) {
+                s0 = load8(grad_w + c), s1 = load8(grad_w + c + 8), s2 = load8(grad_w + c + 16), s3 = load8(grad_w + c + 24);
+            }
+            for (int64_t j = 0; j < count; j++) {
+                const float *g = G + rows_by_latent[start + j] * d + c;
+                __builtin_prefetch(g + 32);
+                __builtin_prefetch(g + 48);
+                const float value = values[by_latent[start + j]];
+                const v8 v = {value, value, value, value, value, value, value, value};
+                const v8 g0 = load8(g), g1 = load8(g + 8), g2 = load8(g + 16), g3 = load8(g + 24);
+                dots[j] += g0 * w0 + g1 * w1 + g2 * w2 + g3 * w3;
+                s0 += v * g0;
+                s1 += v * g1;
+                s2 += v * g2;
+                s3 += v * g3;
+            }
+            store8(grad_w + c, s0);
+            store8(grad_w + c + 8, s1);
+            store8(grad_w + c + 16, s2);
+            store8(grad_w + c + 24, s3);
         }
-        grad_values[pair] = dot;
+        for (int64_t c = chunked; c < d; c++) {
+            float sum = start > first ? grad_w[c] : 0.0f;
+            for (int64_t j = 0; j < count; j++) {
+                const float g = G[rows_by_latent[start + j] * d + c];
+                tails[j] += g * w[c];
+                sum += values[by_latent[start + j]] * g;
+            }
+            grad_w[c] = sum;
+        }
+        for (int64_t j = 0; j < count; j++) {
+            float dot = tails[j];
+            for (int t = 0; t < 8; t++) dot += dots[j][t];
+            grad_values[by_latent[start + j]] = dot;
+        }
     }
 }
 
