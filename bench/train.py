@@ -544,7 +544,7 @@ def step_part(event) -> str:
         if name.startswith("autograd::engine::evaluate_function: "):
             function = name.split(": ", 1)[1]
             return {"_SelectWithSparseGradBackward": "backward: encoder grads (embedding_bag by latent)",
-                    "_SparseDecodeBackward": "backward: sparse decode (values + decoder grad)",
+                    "_SparseDecodeBackward": "backward: sparse decode (values + decoder grad, C kernel)",
                     "EmbeddingBagBackward0": "backward: sparse decode (embedding_bag)"}.get(
                 function, "backward: losses, elementwise")
     for name in reversed(names):  # outermost first: aten::addmm inside aten::linear etc.
@@ -553,7 +553,8 @@ def step_part(event) -> str:
                 "aten::amax": "forward: top-k selection", "aten::gather": "forward: top-k selection",
                 "lexica::topk_rows": "forward: top-k selection",  # the C kernel (train/native.py)
                 "aten::embedding_bag": "forward: sparse decode (embedding_bag)",
-                "aten::_embedding_bag": "forward: sparse decode (embedding_bag)"}.get(name)
+                "aten::_embedding_bag": "forward: sparse decode (embedding_bag)",
+                "aten::_embedding_bag_forward_only": "forward: sparse decode (embedding_bag)"}.get(name)
         if part:
             return part
     return "forward: losses, masks, bookkeeping"
