@@ -45,3 +45,14 @@ def test_more_lanes_than_parts_or_an_uneven_split_is_refused(store):
         next(shuffled_batches(store, batch_size=700, buffer_rows=1000, seed=0, scale=1.0, lanes=7))
     with pytest.raises(ValueError, match="batch_size 201 is not a multiple of the 2 data lanes"):
         next(shuffled_batches(store, batch_size=201, buffer_rows=1000, seed=0, scale=1.0, lanes=2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_activation_is_caught_with_its_shard(tmp_path, bad):
+    """The check is a min/max pass over each read: a single NaN, +inf or -inf anywhere is caught."""
+    vectors = torch.randn(3000, 8, generator=torch.Generator().manual_seed(5))
+    vectors[2345, 6] = bad  # shard 1 of 2
+    url = write_synthetic_store(str(tmp_path / "run"), vectors, shards=2)
+    store = ActivationStore(url)
+    with pytest.raises(StoreError, match=r"shard 1 \(part shard-000001-.*\) .* NaN or infinite"):
+        take(shuffled_batches(store, batch_size=100, buffer_rows=500, seed=0, scale=1.0), 40)
