@@ -56,3 +56,30 @@ def test_one_non_finite_activation_is_caught_with_its_shard(tmp_path, bad):
     store = ActivationStore(url)
     with pytest.raises(StoreError, match=r"shard 1 \(part shard-000001-.*\) .* NaN or infinite"):
         take(shuffled_batches(store, batch_size=100, buffer_rows=500, seed=0, scale=1.0), 40)
+
+
+def test_prefetcher_yields_the_same_batches_then_the_source_error():
+    import sys
+
+    from train.data import SWITCH_INTERVAL_SECONDS, Prefetcher
+
+    previous = sys.getswitchinterval()
+    try:
+        def source():
+            yield from (torch.full((2, 3), float(i)) for i in range(5))
+            raise StoreError("part 7 is damaged")
+
+        prefetched = Prefetcher(source(), depth=2)
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
+        for i in range(5):
+            assert torch.equal(next(prefetched), torch.full((2, 3), float(i)))
+        with pytest.raises(StoreError, match="part 7 is damaged"):
+            next(prefetched)
+        assert prefetched.calls == 6
+        endless = Prefetcher(itertools.repeat(torch.zeros(1)), depth=2)
+        next(endless)
+        endless.close()
+        endless._thread.join(timeout=5)
+        assert not endless._thread.is_alive()
+    finally:
+        sys.setswitchinterval(previous)
