@@ -130,6 +130,11 @@ def test_ties_and_masked_columns_give_torch_topk_values(path):
     masked[:, :] = float("-inf")
     masked[:, 3] = 1.0
     assert_same_as_torch_topk(select(masked, 32), masked, 32)
+    groups = native_group_count(4096, 32)  # 128: the kernel's group g holds columns g, g + 128, ...
+    for masked_groups in (90, 110):  # whole groups at -inf (AuxK's mask); 110 leaves fewer than k groups
+        grouped = torch.randn(16, 4096, generator=generator)
+        grouped[:, torch.arange(4096) % groups < masked_groups] = float("-inf")
+        assert_same_as_torch_topk(select(grouped, 32), grouped, 32)
     infinite = torch.randn(16, 4096, generator=generator)
     infinite[::2, 100:140] = float("inf")
     assert_same_as_torch_topk(select(infinite, 32), infinite, 32)

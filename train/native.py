@@ -77,6 +77,17 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
 
 
+def kernel(name: str, symbol: str, argtypes: tuple, restype=None):
+    """Function ``symbol`` of kernel library ``name`` with its C signature declared (ctypes then
+    converts and checks the arguments), or None without the library."""
+    library = load(name)
+    if library is None:
+        return None
+    function = getattr(library, symbol)
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
+
+
 def build(name: str) -> Path:
     """Path of the built library for ``name``, compiling it if the cache lacks it."""
     source = KERNELS / f"{name}.c"

@@ -60,15 +60,10 @@ def topk_rows(matrix: torch.Tensor, k: int) -> Selection:
 
 @functools.cache
 def topk_kernel():
-    """The C kernel's entry point with its signature declared, or None without the kernel."""
-    library = native.load("topk_rows")
-    if library is None:
-        return None
-    kernel = library.lexica_topk_rows_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    kernel.restype = ctypes.c_int
-    return kernel
+    """The C kernel's entry point, or None without it."""
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    return native.kernel("topk_rows", "lexica_topk_rows_f32",
+                         (pointer, int64, int64, int64, int64, pointer, pointer, ctypes.c_int), ctypes.c_int)
 
 
 def native_group_count(width: int, k: int) -> int:

@@ -146,15 +146,10 @@ class _SparseDecode(torch.autograd.Function):
 
 @functools.cache
 def decode_backward_kernel():
-    """train/kernels/decode_backward.c's entry point, signature declared; None without it."""
-    library = native.load("decode_backward")
-    if library is None:
-        return None
-    kernel = library.lexica_decode_backward_f32
-    pointer = ctypes.c_void_p
-    kernel.argtypes = [pointer] * 6 + [ctypes.c_int64, ctypes.c_int64, pointer, pointer, ctypes.c_int]
-    kernel.restype = None
-    return kernel
+    """train/kernels/decode_backward.c's entry point, or None without it."""
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    return native.kernel("decode_backward", "lexica_decode_backward_f32",
+                         (pointer,) * 6 + (int64, int64, pointer, pointer, ctypes.c_int))
 
 
 def native_decode_backward(grad_output: torch.Tensor, W_dec: torch.Tensor, values: torch.Tensor,

@@ -8,7 +8,7 @@
       the row's G-wide segments, so it vectorises with no horizontal reductions. G is about 4k.
    2. A threshold t with at least k group maxima >= t: bisection on the maxima (each step counts
       G values against a candidate in a few vector compares), stopping once at most k + 2
-      maxima pass. Those maxima are k distinct entries >= t, so the row's k-th largest value is
+      maxima pass; infinite maxima bound nothing (see threshold_from_maxima). Those maxima are k distinct entries >= t, so the row's k-th largest value is
       >= t and no entry below t can be in the top k.
    3. One compare pass over the row (now in L1) collects the entries >= t, about k of them, and a
       quickselect keeps the k largest. Should the collected entries overflow the buffer (massive
@@ -19,6 +19,7 @@
    touches each entry with two vector compares. A row holding a NaN is reported (the return
    value) and the caller takes torch.topk for the whole matrix, whose NaN ordering it keeps. */
 
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -53,30 +54,6 @@ static void keep_largest_entries(entry_t *a, int64_t n, int64_t m) {
         else if (m - 1 >= i) lo = i;
         else return;
     }
-}
-
-/* The m-th largest of a[0..n) (reorders a). */
-static float mth_largest(float *a, int64_t n, int64_t m) {
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pivot) i++;
-            while (a[j] < pivot) j--;
-            if (i <= j) {
-                float swap = a[i];
-                a[i] = a[j];
-                a[j] = swap;
-                i++;
-                j--;
-            }
-        }
-        if (m - 1 <= j) hi = j;
-        else if (m - 1 >= i) lo = i;
-        else break;
-    }
-    return a[m - 1];
 }
 
 /* ---- 8-wide helpers: AVX where the compiler targets it, plain loops elsewhere. */
@@ -115,16 +92,23 @@ static inline int count_at_least(const float *maxima, int64_t groups, float thre
     return count;
 }
 
-/* Step 2: a threshold that at least k of the group maxima reach (reorders maxima only when it
-   falls back to an exact selection). */
-static float threshold_from_maxima(float *maxima, int64_t groups, int64_t k) {
-    float lo = maxima[0], hi = maxima[0];
-    for (int64_t g = 1; g < groups; g++) {
-        lo = maxima[g] < lo ? maxima[g] : lo;
-        hi = maxima[g] > hi ? maxima[g] : hi;
+/* Step 2: a threshold that at least k of the group maxima reach. Infinite maxima stay out of the
+   bisection's bounds: +inf ones reach any threshold, -inf ones none above -inf (with fewer than k
+   maxima above -inf the threshold is -inf, and the pass collects every entry). */
+static float threshold_from_maxima(const float *maxima, int64_t groups, int64_t k) {
+    float lo = INFINITY, hi = -INFINITY;
+    int64_t above_minus_infinity = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        const float m = maxima[g];
+        if (m == -INFINITY) continue;
+        above_minus_infinity++;
+        if (m == INFINITY) continue;
+        lo = m < lo ? m : lo;
+        hi = m > hi ? m : hi;
     }
-    if (__builtin_isinf(lo) || __builtin_isinf(hi)) return mth_largest(maxima, groups, k);
-    /* Invariant: at least k maxima are >= lo. */
+    if (above_minus_infinity < k) return -INFINITY;
+    if (lo > hi) return INFINITY; /* every maximum above -inf is +inf */
+    /* Invariant: at least k maxima are >= lo (all the finite ones, and the +inf ones). */
     for (int step = 0; step < 24; step++) {
         float mid = 0.5f * lo + 0.5f * hi; /* no overflow, unlike (lo + hi) / 2 */
         if (mid <= lo || mid >= hi) break;
