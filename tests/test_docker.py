@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from native_builds import require_c_compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile.cpu", "cuda": ROOT / "docker" / "Dockerfile.cuda"}
@@ -302,8 +303,7 @@ def test_stages_start_from_the_installed_package(cpu_image):
 def test_installed_package_ships_and_builds_the_native_kernel(cpu_image, tmp_path):
     """kernels/*.c is package data: the installed train package must build its selection kernel
     (into a fresh cache here, so the checkout's build cannot stand in for it)."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine")
+    require_c_compiler()
     env = dict(cpu_image.env, LEXICA_NATIVE_CACHE=str(tmp_path))
     result = subprocess.run(["python", "-c", "from train import native; print(native.load('topk_rows')._name)"],
                             cwd=cpu_image.workdir, env=env, capture_output=True, text=True, timeout=300)

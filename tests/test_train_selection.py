@@ -4,12 +4,11 @@ path, and torch.topk itself where neither applies."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import subprocess
 
 import pytest
 import torch
+from native_builds import portable_build, require_c_compiler
 
 from train import native
 from train.selection import (
@@ -23,33 +22,15 @@ from train.selection import (
 )
 
 
-def declared(library: ctypes.CDLL):
-    kernel = library.lexica_topk_rows_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    kernel.restype = ctypes.c_int
-    return kernel
-
-
-def require_compiler() -> None:
-    if native.compiler() is None:
-        pytest.skip("no C compiler on this machine: the native kernel cannot be built")
-
-
 @pytest.fixture(scope="module")
 def portable_kernel(tmp_path_factory):
-    """The kernel built without AVX flags: its plain-C vector helpers, on any machine."""
-    require_compiler()
-    folder = tmp_path_factory.mktemp("portable")
-    source = native.KERNELS / "topk_rows.c"
-    path = folder / "topk_rows_portable.so"
-    subprocess.run([native.compiler(), "-O2", "-std=c11", "-fPIC", "-shared", "-pthread", "-o", str(path),
-                    str(source)], check=True)
-    return declared(ctypes.CDLL(str(path)))
+    """The kernel built without AVX flags or OpenMP: its plain-C helpers and POSIX threads."""
+    require_c_compiler()
+    return portable_build("topk_rows", tmp_path_factory.mktemp("portable"), topk_kernel())
 
 
 def by_native(matrix, k):
-    require_compiler()
+    require_c_compiler()
     kernel = topk_kernel()
     assert kernel is not None, "a C compiler is present, yet the kernel did not build (see the log)"
     assert native_group_count(matrix.shape[1], k), "this shape does not take the native path"
@@ -164,7 +145,7 @@ def test_small_or_odd_shapes_fall_back_to_torch_topk():
 
 
 def test_kernel_is_built_once_then_taken_from_the_cache(tmp_path, monkeypatch):
-    require_compiler()
+    require_c_compiler()
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     first = native.build("topk_rows")
     built_at = first.stat().st_mtime_ns
@@ -190,7 +171,7 @@ def test_without_a_compiler_or_when_disabled_the_pytorch_path_serves(tmp_path, m
 
 
 def test_a_build_error_names_the_kernel_and_the_compiler_message(tmp_path, monkeypatch):
-    require_compiler()
+    require_c_compiler()
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     kernels = tmp_path / "kernels"
     kernels.mkdir()

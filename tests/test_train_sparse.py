@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import subprocess
-
 import pytest
 import torch
+from native_builds import portable_build, require_c_compiler
 
 from train import native, sparse
 from train.sparse import (
@@ -106,18 +104,6 @@ def decode_backward_by_pytorch(grad_output, W_dec, values, pattern):
     return pattern.pair_dots(grad_output, W_dec), pattern.sum_by_latent(values, grad_output)
 
 
-def portable_decode_backward(tmp_path):
-    """decode_backward.c built without OpenMP or AVX flags: its single-threaded, generic build."""
-    if native.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    path = tmp_path / "decode_backward_portable.so"
-    subprocess.run([native.compiler(), "-O2", "-std=gnu11", "-fPIC", "-shared", "-o", str(path),
-                    str(native.KERNELS / "decode_backward.c")], check=True)
-    kernel = ctypes.CDLL(str(path)).lexica_decode_backward_f32
-    kernel.argtypes, kernel.restype = decode_backward_kernel().argtypes, None
-    return kernel
-
-
 @pytest.mark.parametrize(("batch", "d_sae", "d_in", "density"), [(40, 30, 12, 0.1), (300, 700, 515, 0.02),
                                                                   (512, 4096, 512, 32 / 4096), (600, 20, 40, 0.5)])
 def test_native_decode_backward_equals_the_pytorch_path(batch, d_sae, d_in, density, tmp_path, monkeypatch):
@@ -125,8 +111,7 @@ def test_native_decode_backward_equals_the_pytorch_path(batch, d_sae, d_in, dens
     build) equal the sampled product and the embedding_bag; d_in 515 and 40 leave a tail beyond
     the 32-column chunks, density 0.5 gives latents several groups of 64 pairs, and rows and
     latents with no pairs occur."""
-    if native.compiler() is None:
-        pytest.skip("no C compiler on this machine")
+    require_c_compiler()
     assert decode_backward_kernel() is not None, "a C compiler is present, yet the kernel did not build"
     generator = torch.Generator().manual_seed(batch + d_sae)
     active = torch.rand(batch, d_sae, generator=generator) < density
@@ -140,7 +125,8 @@ def test_native_decode_backward_equals_the_pytorch_path(batch, d_sae, d_in, dens
     actual = native_decode_backward(grad_output, W_dec, values, pattern)
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-4)
-    monkeypatch.setattr(sparse, "decode_backward_kernel", lambda: portable_decode_backward(tmp_path))
+    portable = portable_build("decode_backward", tmp_path, decode_backward_kernel())
+    monkeypatch.setattr(sparse, "decode_backward_kernel", lambda: portable)
     actual = native_decode_backward(grad_output, W_dec, values, pattern)
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-4)
