@@ -8,7 +8,7 @@ ASSETS ?= assets
 
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
 
-.PHONY: setup assets browser demo test lint clean
+.PHONY: setup assets browser demo test lint docs clean
 
 setup: $(VENV)/.lexica-installed
 
@@ -32,16 +32,20 @@ browser:
 	else echo "no chromium found: install it (e.g. apt-get install chromium) or set LEXICA_CHROMIUM"; fi
 
 demo: assets
-	$(PY) -m harvest --config examples/demo.yaml
-	$(PY) -m train --config examples/demo.yaml
-	$(PY) -m analysis features --config examples/demo.yaml
+	$(VENV)/bin/lexica harvest --config examples/demo.yaml
+	$(VENV)/bin/lexica train --config examples/demo.yaml
+	$(VENV)/bin/lexica analysis features --config examples/demo.yaml
 
 test: assets browser
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check harvest train analysis deploy tests bench scripts
+	$(VENV)/bin/ruff check lexica harvest train analysis deploy tests bench scripts examples
 	$(VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile.cpu docker/Dockerfile.cuda
+
+# docs/configuration.md is generated from the knobs' help text (tests/test_docs.py keeps it equal).
+docs: setup
+	$(PY) -m lexica.reference > docs/configuration.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harvest import storage
+from lexica import storage
+from lexica.errors import LexicaError
 
 # Activations are positive (every architecture's code is); 0.1-decade bins from 1e-3 to 1e4 cover
 # raw-activation-space codes of real models, and fixed edges make partial histograms add up exactly.
@@ -59,8 +60,8 @@ TABLES = {"features": FEATURES_SCHEMA, "contexts": CONTEXTS_SCHEMA, "logits": LO
           "neighbours": NEIGHBOURS_SCHEMA, "map": MAP_SCHEMA}
 
 
-def analysis_url(run_url: str, dictionary_name: str) -> str:
-    return storage.join(run_url.rstrip("/"), "analysis", dictionary_name)
+class AtlasMissingError(LexicaError, FileNotFoundError):
+    """A dictionary's atlas (or one of its tables) has not been built yet."""
 
 
 def histogram_bin(values: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def read_table(folder_url: str, name: str, storage_options: dict | None = None) 
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     path = storage.join(folder, f"{name}.parquet")
     if not storage.exists(fs, path):
-        raise FileNotFoundError(f"{folder_url} has no {name}.parquet; run `python -m analysis features` first")
+        raise AtlasMissingError(f"{folder_url} has no {name}.parquet; run `lexica analysis features` first")
     with fs.open(path, "rb") as handle:
         return pq.read_table(handle)
 
@@ -105,5 +106,5 @@ def read_summary(folder_url: str, storage_options: dict | None = None) -> dict:
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     path = storage.join(folder, "summary.json")
     if not storage.exists(fs, path):
-        raise FileNotFoundError(f"{folder_url} has no summary.json; run `python -m analysis features` first")
+        raise AtlasMissingError(f"{folder_url} has no summary.json; run `lexica analysis features` first")
     return storage.read_json(fs, path)

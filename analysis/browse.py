@@ -1,4 +1,4 @@
-"""``python -m analysis browse``: serve a run's feature-atlas site over HTTP on this machine.
+"""``lexica browse``: serve a run's feature-atlas site over HTTP on this machine.
 
 The site also works opened straight from disk (``file://``); serving it is for remote shells and
 for browsers that restrict local files. Only the site folder is served, on loopback unless
@@ -18,12 +18,13 @@ import webbrowser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from analysis import atlas
-from analysis.site import SITE_FOLDER
-from harvest import storage
+from lexica import storage
+from lexica.analysis.site import SITE_FOLDER
+from lexica.errors import LexicaError
+from lexica.run import Run
 
 
-class BrowseError(ValueError):
+class BrowseError(LexicaError, ValueError):
     """The site to browse cannot be found or served (message says what to do)."""
 
 
@@ -46,7 +47,7 @@ def serve(site_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> tuple
     """
     folder = Path(site_dir).resolve()
     if not (folder / "index.html").is_file():
-        raise BrowseError(f"{folder} has no index.html; build the site first (python -m analysis ...)")
+        raise BrowseError(f"{folder} has no index.html; build the site first (lexica analysis features)")
     handler = functools.partial(_SiteHandler, directory=str(folder))
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
@@ -72,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m analysis browse",
+    parser = _Parser(prog="lexica browse",
                      description="Serve a run's feature-atlas site (<run>/analysis/<dictionary>/site) over HTTP.")
     parser.add_argument("--run", required=True, help="run folder URL (local path, file:// or s3://)")
     parser.add_argument("--dictionary", default=None, help="dictionary name (default: the newest export)")
@@ -86,10 +87,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_site(run_url: str, dictionary: str | None, storage_options: dict | None = None) -> tuple[str, bool]:
     """The site folder's URL of a run's dictionary, and whether it is on this machine's disk."""
-    from analysis.sources import resolve_dictionary_name  # imports torch: only when a run is resolved
+    from lexica.analysis.sources import resolve_dictionary_name  # imports torch: only when a run is resolved
 
     name = resolve_dictionary_name(run_url, dictionary, storage_options)
-    site_url = storage.join(atlas.analysis_url(run_url, name), SITE_FOLDER)
+    site_url = storage.join(Run(run_url, storage_options).atlas_url(name), SITE_FOLDER)
     fs, site_path = storage.url_to_fs(site_url, storage_options)
     if not storage.exists(fs, storage.join(site_path, "index.html")):
         raise BrowseError(f"{site_url} has no index.html: the site of dictionary {name!r} is not built "
@@ -104,12 +105,11 @@ def _local_copy(site_url: str, storage_options: dict | None) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     """Run the browse command; ``argv`` is what follows ``browse`` on the command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     copied: Path | None = None
+    args = _parser().parse_args(argv)
     try:
-        args = _parser().parse_args(argv)
         if not 0 <= args.port <= 65535:
             raise BrowseError(f"--port {args.port} is not a port number (0-65535)")
         site, local = resolve_site(args.run, args.dictionary)
@@ -124,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         if not is_loopback(args.host):
             print(f"warning: serving on {args.host} makes the site reachable from other machines on the network",
                   file=sys.stderr)
-        server, url = serve(site_dir, args.host, args.port)
-    except (BrowseError, ValueError, OSError) as error:
-        # AnalysisError (a ValueError) and storage errors name what is missing; OSError covers a busy port.
-        print(f"error: {error}", file=sys.stderr)
+        try:
+            server, url = serve(site_dir, args.host, args.port)
+        except OSError as error:  # a busy port, an address this machine does not have
+            raise BrowseError(f"cannot serve on {args.host}:{args.port}: {error.strerror or error}") from error
+    except BaseException:
         if copied:
             shutil.rmtree(copied, ignore_errors=True)
-        return 2
+        raise
     print(f"serving {site_dir}\n  {url}\n  {index_path.as_uri()} (opens without a server too)\nCtrl-C stops.")
     if args.open:
         webbrowser.open(url)
@@ -145,6 +146,3 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(copied, ignore_errors=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

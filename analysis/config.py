@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harvest.config import ConfigError, knob
+from lexica.config import ConfigError, knob
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Contexts of the shown examples (DESIGN.md §7): for each example token, the neighbouring rows of
+"""Contexts of the shown examples (docs/analysis.md): for each example token, the neighbouring rows of
 its document in the store, their decoded token strings and the feature's activation on each.
 
 Rows of a part are in (doc_id, position) order, so a window is one slice of rows; only parts whose
@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis import atlas
-from analysis.config import AnalysisConfig
-from analysis.sources import AnalysisError, token_strings
-from analysis.stats import dictionary_module, on_cpu
-from harvest.model import resolve_device
-from harvest.progress import Progress
-from harvest.store import ActivationStore, CommitRecord, decode_activations
+from lexica.analysis import atlas
+from lexica.analysis.config import AnalysisConfig
+from lexica.analysis.sources import AnalysisError, token_strings
+from lexica.analysis.stats import dictionary_module, on_cpu
+from lexica.models import resolve_device
+from lexica.progress import Progress
+from lexica.store import ActivationStore, CommitRecord, decode_activations
 
 EXAMPLE_COLUMNS = ("feature", "kind", "rank", "band", "activation", "doc_id", "position")
 
@@ -145,7 +145,7 @@ def _run_tasks(store: ActivationStore, module: torch.nn.Module, work: list, conf
                pieces: list[dict[str, np.ndarray]], progress: Progress) -> None:
     import ray
 
-    from harvest.cluster import ensure_ray, wants_gpus
+    from lexica.cluster import ensure_ray, wants_gpus
 
     ensure_ray(config.ray_address)
     uses_gpu = wants_gpus(config.device)

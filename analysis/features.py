@@ -1,4 +1,4 @@
-"""``python -m analysis features``: the whole atlas of one dictionary, stage by stage.
+"""``lexica analysis features``: the whole atlas of one dictionary, stage by stage.
 
 Statistics pass → examples → contexts → logit effects → neighbours → map → site, each written to
 ``<run>/analysis/<dictionary>/`` as soon as it is done (so a failure late in the run keeps the
@@ -13,9 +13,11 @@ import time
 
 import torch
 
-from analysis import atlas, geometry
-from analysis.config import AnalysisConfig
-from analysis.sources import load_tokenizer, model_path, open_dictionary, open_store
+from lexica.analysis import atlas, geometry
+from lexica.analysis.config import AnalysisConfig
+from lexica.analysis.sources import model_config, open_dictionary, open_store
+from lexica.models import load_tokenizer
+from lexica.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +25,25 @@ UMAP_NEIGHBOURS = 15  # UMAP's default; the neighbour search serves both the tab
 
 
 def build_atlas(config: AnalysisConfig) -> dict:
-    from analysis.contexts import build_contexts
-    from analysis.logits import load_readout, logit_effects
-    from analysis.stats import compute_statistics
-    from harvest.model import resolve_device
-    from harvest.pool import record_stage
+    from lexica.analysis.contexts import build_contexts
+    from lexica.analysis.logits import load_readout, logit_effects
+    from lexica.analysis.stats import compute_statistics
+    from lexica.models import resolve_device
 
     config.validate()
     timings: dict[str, float] = {}
     dictionary = open_dictionary(config.run, config.dictionary, config.storage_options)
     store = open_store(dictionary, config.store, config.run, config.storage_options)
-    folder = atlas.analysis_url(config.run, dictionary.name)
-    record_stage(config.run, config.storage_options, "analysis", {**dataclasses.asdict(config),
-                                                                  "dictionary": dictionary.name})
+    run = Run(config.run, config.storage_options)
+    folder = run.atlas_url(dictionary.name)
+    run.record("analysis", {**dataclasses.asdict(config), "dictionary": dictionary.name})
     # The driver may run on a CPU-only head node while its Ray tasks get GPUs ("cuda" there): its
     # own work (logit effects, neighbours) then runs on the CPU.
     local = "cpu" if config.device.startswith("cuda") and not torch.cuda.is_available() else config.device
     device = resolve_device(local)
     module = dictionary.module.to(device)
-    path = model_path(store, config.model)
-    tokenizer = load_tokenizer(path)
+    model = model_config(store, config.model, device=local)
+    tokenizer = load_tokenizer(model)
 
     def timed(name: str, work):
         started = time.perf_counter()
@@ -58,7 +59,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
     contexts = timed("contexts", lambda: build_contexts(store, module, examples, tokenizer, config))
     atlas.write_table(folder, "contexts", contexts, config.storage_options)
 
-    readout = timed("load model head", lambda: load_readout(path, local))
+    readout = timed("load model head", lambda: load_readout(model))
     logits = timed("logit effects", lambda: logit_effects(module.W_dec, readout, tokenizer, config.logit_tokens))
     atlas.write_table(folder, "logits", logits, config.storage_options)
     readout = None  # the unembedding is the largest tensor here; free it before the map
@@ -78,7 +79,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
         "dictionary": dictionary.name, "dictionary_url": dictionary.url, "architecture":
             dictionary.metadata.get("lexica_architecture", dictionary.config.get("architecture")),
         "d_sae": dictionary.d_sae, "d_in": int(dictionary.config["d_in"]), "store": store.url, "hook": store.hook,
-        "model": path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
+        "model": model.path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
         "neighbours_exact": exact, "neighbours_recall": round(recall, 4),
         "dead_features": int((features.column("fires").to_numpy() == 0).sum()),
         "config": {**dataclasses.asdict(config), "storage_options": None}, "timings": timings,
@@ -86,7 +87,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
     }
     atlas.write_summary(folder, summary, config.storage_options)
     if config.site:
-        from analysis.site import build_site
+        from lexica.analysis.site import build_site
 
         summary["site"] = timed("site", lambda: build_site(folder, config.storage_options))
         summary["timings"] = timings

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from analysis.sources import token_strings
+from lexica.analysis.sources import token_strings
+from lexica.models import ModelConfig, load_causal_lm
 
 # Attribute names of the final norm on the base model, per architecture family.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -61,10 +62,8 @@ def readout_from_model(model: torch.nn.Module) -> Readout:
     return Readout(head.weight.detach().float(), gain, centre)
 
 
-def load_readout(model_path: str, device: str = "cpu") -> Readout:
-    from analysis.sources import load_causal_lm
-
-    return readout_from_model(load_causal_lm(model_path, device))
+def load_readout(model: ModelConfig) -> Readout:
+    return readout_from_model(load_causal_lm(model))
 
 
 def logit_effects(W_dec: torch.Tensor, readout: Readout, tokenizer, top: int = 10,

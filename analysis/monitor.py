@@ -4,39 +4,42 @@ Texts are tokenised and windowed as the harvest did (no special tokens, BOS by t
 windows of the store's context length that never overlap), run through the model only up to the
 hook, and encoded; a text is flagged when any watched feature exceeds the threshold on it.
 
-``python -m analysis monitor --run RUN --watch 12,99 --texts texts.txt``: a table per text, and
+``lexica monitor --run RUN --watch 12,99 --texts texts.txt``: a table per text, and
 one JSON object per text with ``--json`` (stdout) or ``--jsonl OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from analysis.sources import AnalysisError, LoadedRun, check_width, open_run, token_strings
-from analysis.steering import check_features, context_limit, feature_values
-from harvest import packing
-from harvest.hooks import Capture, count_blocks, parse_hook, prune_after
+from lexica.analysis.sources import AnalysisError, LoadedRun, check_width, open_run, token_strings
+from lexica.analysis.steering import check_features, context_limit, feature_values
+from lexica.harvest import packing
+from lexica.hooks import Capture, count_blocks, parse_hook, prune_after
+from lexica.models import ModelConfig, load_model
+from lexica.train.architectures import SparseCode
 
 
 @torch.no_grad()
-def watched_activations(model: torch.nn.Module, dictionary: torch.nn.Module, hook_name: str, watch: list[int],
-                        token_ids: list[np.ndarray], context_length: int, bos: bool, bos_token_id: int | None,
-                        pad_id: int = 0, batch_tokens: int = 4096) -> list[torch.Tensor]:
-    """Per text, a [tokens, len(watch)] float32 tensor of the watched features' activations."""
+def hook_activations(model: torch.nn.Module, hook_name: str, token_ids: list[np.ndarray], context_length: int,
+                     bos: bool, bos_token_id: int | None, pad_id: int = 0,
+                     batch_tokens: int = 4096) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The hook's activations of every text, cut into the store's context windows: yields
+    (text index, first token position, [window tokens, d_model] float32) per window."""
     window_tokens = context_length - (1 if bos else 0)
     if window_tokens < 1:
         raise AnalysisError(f"context length {context_length} leaves no room for text after the BOS")
     windows = packing.split_windows(list(enumerate(token_ids)), window_tokens)
     capture = Capture(model, parse_hook(hook_name, count_blocks(model)))
     device = next(model.parameters()).device
-    features = torch.tensor(watch, dtype=torch.long, device=device)
-    results = [torch.zeros(len(ids), len(watch)) for ids in token_ids]
     offset = 1 if bos else 0
     lengths = [len(window.token_ids) for window in windows]
     for batch in packing.group_by_length(lengths, batch_tokens):
@@ -51,12 +54,46 @@ def watched_activations(model: torch.nn.Module, dictionary: torch.nn.Module, hoo
         # Padding follows every real token, so causal attention never lets a real token see it.
         hidden = capture(input_ids=input_ids.to(device))
         selected = hidden[keep.to(device)].float()
-        values = feature_values(dictionary.encode(selected), features).cpu()
         # Rows of ``selected`` are the batch's windows in order, each window's tokens in order.
-        for window_values, index in zip(values.split([lengths[index] for index in batch]), batch, strict=True):
-            window = windows[index]
-            results[window.doc_id][window.start:window.start + lengths[index]] = window_values
+        for window_rows, index in zip(selected.split([lengths[index] for index in batch]), batch, strict=True):
+            yield windows[index].doc_id, windows[index].start, window_rows
+
+
+@torch.no_grad()
+def watched_activations(model: torch.nn.Module, dictionary: torch.nn.Module, hook_name: str, watch: list[int],
+                        token_ids: list[np.ndarray], context_length: int, bos: bool, bos_token_id: int | None,
+                        pad_id: int = 0, batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """Per text, a [tokens, len(watch)] float32 tensor of the watched features' activations."""
+    device = next(model.parameters()).device
+    features = torch.tensor(watch, dtype=torch.long, device=device)
+    results = [torch.zeros(len(ids), len(watch)) for ids in token_ids]
+    for text, start, rows in hook_activations(model, hook_name, token_ids, context_length, bos, bos_token_id,
+                                              pad_id, batch_tokens):
+        results[text][start:start + len(rows)] = feature_values(dictionary.encode(rows), features).cpu()
     return results
+
+
+@torch.no_grad()
+def text_codes(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_name: str, text: str,
+               context_length: int, bos: bool, batch_tokens: int = 4096) -> tuple[list[str], SparseCode]:
+    """Every token of ``text`` (decoded one by one) and the dictionary's code of each: [tokens, k]
+    values and feature ids, cut into windows and BOS-prefixed as the store was."""
+    if bos and tokenizer.bos_token_id is None:
+        raise AnalysisError("the store prepends a BOS but this tokenizer has none")
+    ids = packing.tokenize(tokenizer, [(0, text)])[0][1]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pieces = sorted((start, dictionary.encode(rows)) for _, start, rows in hook_activations(
+        model, hook_name, [ids], context_length, bos, tokenizer.bos_token_id, pad_id, batch_tokens))
+    if not pieces:
+        return [], SparseCode(torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.long))
+    width = max(code.values.shape[1] for _, code in pieces)  # threshold architectures vary per window
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1])).cpu()
+
+    code = SparseCode(torch.cat([padded(code.values) for _, code in pieces]),
+                      torch.cat([padded(code.indices) for _, code in pieces]))
+    return token_strings(tokenizer, ids), code
 
 
 def monitor(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_name: str, watch: list[int],
@@ -116,12 +153,9 @@ class MonitorReport:
     texts: list[dict]  # what monitor() returns
 
 
-def load_base_model(path: str, device: str, hook_name: str, revision: str | None = None) -> torch.nn.Module:
+def load_base_model(model: ModelConfig, hook_name: str) -> torch.nn.Module:
     """The base model in float32, cut after the hooked block (the rest never runs)."""
-    from harvest.config import ModelConfig
-    from harvest.model import load_model
-
-    loaded = load_model(ModelConfig(path=path, revision=revision, dtype="float32", device=device))
+    loaded = load_model(dataclasses.replace(model, dtype="float32"))
     prune_after(loaded.model, parse_hook(hook_name, count_blocks(loaded.model)))
     return loaded.model
 
@@ -134,7 +168,7 @@ def monitor_run(run_url: str, watch: list[int], texts: list[str], dictionary_nam
     check_features(watch, loaded.dictionary.d_sae, f"dictionary {loaded.dictionary.name}")
     if not texts:
         raise AnalysisError("no texts to monitor")
-    base = load_base_model(loaded.model_path, device, loaded.hook, (loaded.manifest.get("model") or {}).get("revision"))
+    base = load_base_model(dataclasses.replace(loaded.model, device=device), loaded.hook)
     check_width(base, loaded)
     bos = bool((loaded.manifest.get("bos") or {}).get("prepend"))
     results = monitor(base, loaded.tokenizer, loaded.dictionary.module, loaded.hook, watch, texts, threshold,
@@ -208,7 +242,7 @@ def format_table(report: MonitorReport, top: int = 5, preview: int = 60) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis monitor",
+    parser = argparse.ArgumentParser(prog="lexica monitor",
                                      description="Report where watched dictionary features fire on given texts.")
     parser.add_argument("--run", required=True, help="run folder URL")
     parser.add_argument("--dictionary", help="dictionary name under <run>/dictionaries/ (default: newest export)")
@@ -226,20 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from harvest.config import ConfigError
-    from harvest.storage import StorageError
-    from harvest.store import StoreError
-
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        watch = parse_watch(args.watch)
-        texts = read_texts(args.texts, args.text_field)
-        report = monitor_run(args.run, watch, texts, args.dictionary, threshold=args.threshold, device=args.device,
-                             store=args.store, model=args.model, batch_tokens=args.batch_tokens)
-    except (ConfigError, StoreError, StorageError, FileNotFoundError, ValueError) as error:
-        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    watch = parse_watch(args.watch)
+    texts = read_texts(args.texts, args.text_field)
+    report = monitor_run(args.run, watch, texts, args.dictionary, threshold=args.threshold, device=args.device,
+                         store=args.store, model=args.model, batch_tokens=args.batch_tokens)
     lines = [json.dumps({"dictionary": report.dictionary, "hook": report.hook, **entry}, ensure_ascii=False)
              for entry in report.texts]
     if args.jsonl:
@@ -248,6 +274,3 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines) if args.json else format_table(report, args.top))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

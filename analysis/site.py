@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analysis import atlas
-from harvest import storage
+from lexica import storage
+from lexica.analysis import atlas
 
 SITE_FOLDER = "site"
 ASSET_FILES = ("site.css", "index.js", "map.js")
@@ -493,7 +493,7 @@ def _swap_into_place(build_folder: str, final_folder: str) -> None:
 
 def _write_pages(tables: _Tables, edges: list[float], has_map: bool, writer: _Writer) -> None:
     for name in ASSET_FILES:
-        writer.add(f"assets/{name}", resources.files("analysis").joinpath("site_assets", name).read_bytes())
+        writer.add(f"assets/{name}", resources.files("lexica.analysis").joinpath("site_assets", name).read_bytes())
 
     contexts = tables.contexts
     top_contexts = contexts.filter(pc.equal(contexts["order"], 0))

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from harvest import storage
-from harvest.config import ConfigError
-from harvest.store import ActivationStore, StoreError, StoreMismatchError, store_url
+from lexica import storage
+from lexica.config import ConfigError
+from lexica.errors import LexicaError
+from lexica.models import ModelConfig, ModelError, config_from_manifest, load_tokenizer
+from lexica.run import Run, RunError
+from lexica.store import ActivationStore, StoreError, StoreMismatchError
+from lexica.train.architectures import SparseCode
 
 
-class AnalysisError(ValueError):
+class AnalysisError(LexicaError, ValueError):
     """Analysis input is missing or inconsistent (message names what and where)."""
 
 
@@ -31,36 +35,59 @@ class Dictionary:
     def d_sae(self) -> int:
         return int(self.config["d_sae"])
 
+    @property
+    def d_in(self) -> int:
+        return int(self.config["d_in"])
+
+    @property
+    def hook(self) -> str | None:
+        return self.metadata.get("hook")
+
+    def encode(self, activations: torch.Tensor) -> SparseCode:
+        """Raw activations [n, d_in] (the hook's own scale: normalisation is folded in) → the
+        active features of each row: ``values`` and feature ``indices``, [n, k] each."""
+        with torch.no_grad():
+            return self.module.encode(activations.to(self.W_enc.dtype))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module.decode(code)
+
+    # The weights, SAELens' names and shapes: W_enc [d_in, d_sae], W_dec [d_sae, d_in].
+    @property
+    def W_enc(self) -> torch.Tensor:  # noqa: N802 - the field's own name
+        return self.module.W_enc
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        return self.module.b_enc
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802
+        return self.module.W_dec
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        return self.module.b_dec
+
 
 def dictionary_names(run_url: str, storage_options: dict | None = None) -> list[str]:
     """Dictionaries with a finished export under the run, newest export last."""
-    fs, run = storage.url_to_fs(run_url, storage_options)
-    folder = storage.join(run, "dictionaries")
-    found = []
-    for name in storage.list_names(fs, folder) if storage.exists(fs, folder) else []:
-        config_path = storage.join(folder, name, "final", "cfg.json")
-        if storage.exists(fs, config_path):
-            found.append((fs.modified(config_path).timestamp() if storage.is_local(fs) else 0.0, name))
-    return [name for _, name in sorted(found)]
+    return Run(run_url, storage_options).dictionary_names()
 
 
 def resolve_dictionary_name(run_url: str, name: str | None, storage_options: dict | None = None) -> str:
-    names = dictionary_names(run_url, storage_options)
-    if name:
-        if name not in names:
-            raise AnalysisError(f"dictionary {name!r} has no export under {run_url}/dictionaries "
-                                f"(expected {name}/final/cfg.json); exported: {names or 'none'}")
-        return name
-    if not names:
-        raise AnalysisError(f"{run_url} has no exported dictionary; train one first (python -m train)")
-    return names[-1]
+    try:
+        return Run(run_url, storage_options).dictionary_name(name)
+    except RunError as error:
+        raise AnalysisError(str(error)) from error
 
 
 def open_dictionary(run_url: str, name: str | None, storage_options: dict | None = None) -> Dictionary:
-    from train.export import load_dictionary
+    from lexica.train.export import load_dictionary
 
     name = resolve_dictionary_name(run_url, name, storage_options)
-    url = storage.join(run_url.rstrip("/"), "dictionaries", name, "final")
+    url = Run(run_url, storage_options).export_url(name)
     fs, folder = storage.url_to_fs(url, storage_options)
     config = storage.read_json(fs, storage.join(folder, "cfg.json"))
     return Dictionary(name=name, url=url, module=load_dictionary(url, storage_options), config=config)
@@ -70,7 +97,7 @@ def open_store(dictionary: Dictionary, store: str | None, run_url: str,
                storage_options: dict | None = None) -> ActivationStore:
     """The store to analyse, refused unless it holds the dictionary's model, hook and width."""
     metadata = dictionary.metadata
-    url = store or metadata.get("lexica_store") or store_url(run_url, metadata.get("hook", ""))
+    url = store or metadata.get("lexica_store") or Run(run_url, storage_options).store_url(metadata.get("hook", ""))
     expect = {"d_model": int(dictionary.config["d_in"])}
     if metadata.get("hook"):
         expect["hook"] = metadata["hook"]
@@ -85,18 +112,12 @@ def open_store(dictionary: Dictionary, store: str | None, run_url: str,
     return opened
 
 
-def model_path(store: ActivationStore, override: str | None) -> str:
-    path = override or (store.manifest.get("model") or {}).get("id")
-    if not path:
-        raise ConfigError(f"store {store.url} records no model id; give analysis.model")
-    return path
-
-
-def load_tokenizer(path: str):
-    from harvest.config import ModelConfig
-    from harvest.model import load_config_and_tokenizer
-
-    return load_config_and_tokenizer(ModelConfig(path=path))[1]
+def model_config(store: ActivationStore, override: str | None, device: str = "auto") -> ModelConfig:
+    """The store's model (id and recorded revision), or ``override`` (a local copy of it)."""
+    try:
+        return config_from_manifest(store.manifest, device=device, path=override)
+    except ModelError as error:
+        raise ConfigError(f"store {store.url} records no model id; give analysis.model (--model)") from error
 
 
 def token_strings(tokenizer, token_ids) -> list[str]:
@@ -111,36 +132,27 @@ def token_strings(tokenizer, token_ids) -> list[str]:
     return strings
 
 
-def load_causal_lm(path: str, device: str, revision: str | None = None):
-    """The whole causal LM in float32 (steering needs the LM head), eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM
-
-    from harvest.model import ModelError, resolve_device
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load causal LM {path!r}: {error}") from error
-    return model.to(resolve_device(device)).eval().requires_grad_(False)
-
-
 @dataclass
 class LoadedRun:
     """What steering and monitoring share: the dictionary, its store's facts, model and tokenizer."""
     dictionary: Dictionary
     hook: str
-    model_path: str
+    model: ModelConfig  # id (or the given local copy) and the recorded revision
     manifest: dict
     tokenizer: object
+
+    @property
+    def model_path(self) -> str:
+        return self.model.path
 
 
 def open_run(run_url: str, dictionary_name: str | None, store: str | None, model: str | None,
              storage_options: dict | None = None) -> LoadedRun:
     dictionary = open_dictionary(run_url, dictionary_name, storage_options)
     opened = open_store(dictionary, store, run_url, storage_options)
-    path = model_path(opened, model)
-    return LoadedRun(dictionary=dictionary, hook=opened.manifest["hook"], model_path=path,
-                     manifest=opened.manifest, tokenizer=load_tokenizer(path))
+    config = model_config(opened, model)
+    return LoadedRun(dictionary=dictionary, hook=opened.manifest["hook"], model=config,
+                     manifest=opened.manifest, tokenizer=load_tokenizer(config))
 
 
 def check_width(model: torch.nn.Module, loaded: LoadedRun) -> None:

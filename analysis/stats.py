@@ -1,4 +1,4 @@
-"""The feature-statistics pass (DESIGN.md §7): one read of the store through the dictionary that keeps,
+"""The feature-statistics pass (docs/analysis.md): one read of the store through the dictionary that keeps,
 per feature, its firing count, activation sum, maximum and histogram, its top activations and a
 uniform sample of the tokens it fires on.
 
@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis import atlas
-from analysis.config import AnalysisConfig
-from harvest.model import resolve_device
-from harvest.progress import Progress
-from harvest.store import ActivationStore, CommitRecord
-from train.architectures import SparseCode
+from lexica.analysis import atlas
+from lexica.analysis.config import AnalysisConfig
+from lexica.models import resolve_device
+from lexica.progress import Progress
+from lexica.store import ActivationStore, CommitRecord
+from lexica.train.architectures import SparseCode
 
 # float32 biased exponents (0..255) grouped in bands of 8: within a band every value is an integer
 # number of the band's unit below 2^31, so an int64 accumulator absorbs 2^32 of them exactly.
@@ -489,7 +489,7 @@ def _run_tasks(store: ActivationStore, module: torch.nn.Module, groups: list, co
     """At most ``config.workers`` tasks in flight; each partial is merged as soon as it arrives."""
     import ray
 
-    from harvest.cluster import ensure_ray, wants_gpus
+    from lexica.cluster import ensure_ray, wants_gpus
 
     ensure_ray(config.ray_address)
     uses_gpu = wants_gpus(config.device)

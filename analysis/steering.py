@@ -6,31 +6,33 @@ reconstruction plus the dictionary's reconstruction error, so only the steered f
 h is kept exactly where a target equals the feature's own activation. A prepended BOS is never
 steered: the store holds no BOS rows, so the dictionary never saw one.
 
-``python -m analysis steer --run RUN --feature 12 --value 10x --prompt "..."``: values are
+``lexica steer --run RUN --feature 12 --value 10x --prompt "..."``: values are
 absolute activations, or multiples of the feature's largest activation in the store ("10x",
-"-2x", "0.5x"; from ``features.parquet`` written by ``python -m analysis features``). 0 removes a
+"-2x", "0.5x"; from ``features.parquet`` written by ``lexica analysis features``). 0 removes a
 feature, negative values invert it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import itertools
 import json
 import re
 import shutil
-import sys
 import textwrap
 from dataclasses import dataclass, field
 
 import torch
 
-from analysis import atlas
-from analysis.sources import AnalysisError, Dictionary, check_width, load_causal_lm, open_run
-from harvest.hooks import count_blocks
-from train.architectures import SparseCode
-from train.evaluate import Splice
+from lexica.analysis import atlas
+from lexica.analysis.sources import AnalysisError, Dictionary, check_width, open_run
+from lexica.hooks import count_blocks
+from lexica.models import load_causal_lm
+from lexica.run import Run
+from lexica.train.architectures import SparseCode
+from lexica.train.evaluate import Splice
 
 MULTIPLE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*[xX×]\s*")
 
@@ -231,11 +233,11 @@ def resolve_values(features: dict[int, float | str], dictionary: Dictionary, run
     multiples = {feature: value for feature, value in requested.items() if isinstance(value, str)}
     if not multiples:
         return dict(requested)
-    folder = atlas.analysis_url(run_url, dictionary.name)
+    folder = Run(run_url, storage_options).atlas_url(dictionary.name)
     if not atlas.has_table(folder, "features", storage_options):
         written = ", ".join(f"feature {feature} = {value}" for feature, value in multiples.items())
         raise AnalysisError(f"{written}: a multiple of the max activation needs {folder}/features.parquet, which "
-                            f"does not exist; run `python -m analysis features --run {run_url} --dictionary "
+                            f"does not exist; run `lexica analysis features --run {run_url} --dictionary "
                             f"{dictionary.name}` first, or give an absolute value (e.g. --value 5)")
     table = atlas.read_table(folder, "features", storage_options).select(["feature", "max_activation"]).to_pydict()
     maxima = dict(zip(table["feature"], table["max_activation"], strict=True))
@@ -259,7 +261,7 @@ def steer_run(run_url: str, prompt: str, features: dict[int, float | str], dicti
         raise AnalysisError("no features to steer; give at least one --feature and --value")
     loaded = open_run(run_url, dictionary_name, store, model, storage_options)
     interventions = resolve_values(features, loaded.dictionary, run_url, storage_options)
-    causal_lm = load_causal_lm(loaded.model_path, device, (loaded.manifest.get("model") or {}).get("revision"))
+    causal_lm = load_causal_lm(dataclasses.replace(loaded.model, device=device))
     check_width(causal_lm, loaded)
     bos = bool((loaded.manifest.get("bos") or {}).get("prepend"))
     result = steer(causal_lm, loaded.tokenizer, loaded.dictionary.module, loaded.hook, interventions, prompt,
@@ -272,7 +274,7 @@ def steer_run(run_url: str, prompt: str, features: dict[int, float | str], dicti
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis steer",
+    parser = argparse.ArgumentParser(prog="lexica steer",
                                      description="Generate text with dictionary features clamped, next to the "
                                                  "untouched model's text.")
     parser.add_argument("--run", required=True, help="run folder URL")
@@ -319,27 +321,19 @@ def describe(result: SteeringResult) -> str:
             f"steering: {', '.join(settings)}\nprompt: {result.prompt!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from harvest.config import ConfigError
-    from harvest.storage import StorageError
-    from harvest.store import StoreError
-
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if not args.feature:
-            raise AnalysisError("give at least one --feature ID --value VALUE pair")
-        if len(args.feature) != len(args.value):
-            raise AnalysisError(f"{len(args.feature)} --feature but {len(args.value)} --value; give one value per "
-                                f"feature, in the same order")
-        if len(set(args.feature)) != len(args.feature):
-            raise AnalysisError(f"a feature is given twice in --feature {args.feature}")
-        features = {feature: parse_value(value) for feature, value in zip(args.feature, args.value, strict=True)}
-        result = steer_run(args.run, args.prompt, features, args.dictionary, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed, temperature=args.temperature, device=args.device, store=args.store,
-                           model=args.model)
-    except (ConfigError, StoreError, StorageError, FileNotFoundError, ValueError) as error:
-        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.feature:
+        raise AnalysisError("give at least one --feature ID --value VALUE pair")
+    if len(args.feature) != len(args.value):
+        raise AnalysisError(f"{len(args.feature)} --feature but {len(args.value)} --value; give one value per "
+                            f"feature, in the same order")
+    if len(set(args.feature)) != len(args.feature):
+        raise AnalysisError(f"a feature is given twice in --feature {args.feature}")
+    features = {feature: parse_value(value) for feature, value in zip(args.feature, args.value, strict=True)}
+    result = steer_run(args.run, args.prompt, features, args.dictionary, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, temperature=args.temperature, device=args.device, store=args.store,
+                       model=args.model)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
         return 0
@@ -349,6 +343,3 @@ def main(argv: list[str] | None = None) -> int:
     print(side_by_side(result.baseline_text, result.steered_text, width))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,22 +22,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-
-# This script shares its name with the package it measures: keep its own folder off the path.
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != BENCH]
 
 import numpy as np
 import torch
 
-from analysis.config import AnalysisConfig
-from analysis.stats import FeatureStatistics, compute_statistics
-from harvest.cluster import ensure_ray
-from harvest.store import ActivationStore
-from train.export import load_dictionary
+from lexica.analysis.config import AnalysisConfig
+from lexica.analysis.stats import FeatureStatistics, compute_statistics
+from lexica.cluster import ensure_ray
+from lexica.store import ActivationStore
+from lexica.train.export import load_dictionary
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
 
 DEMO_STORE = os.path.join(REPO, "runs/demo/activations/resid_post.15")
 DEMO_DICTIONARY = os.path.join(REPO, "runs/demo/dictionaries/topk-resid_post.15-8x-k32/final")
@@ -131,7 +128,7 @@ def main() -> None:
     if "site" in only:
         import importlib.util
 
-        # bench/ is kept off sys.path (see above), so load the sibling script by its file.
+        # Load the sibling script by its file: bench/ is not a package.
         spec = importlib.util.spec_from_file_location("site_build", os.path.join(BENCH, "site_build.py"))
         site_build = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(site_build)

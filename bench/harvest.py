@@ -17,21 +17,17 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-# This script shares its name with the package it measures: keep its own folder off the path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from harvest.cli import build_parser, resolve_config  # noqa: E402
-from harvest.corpus import plan_shards, read_shard
-from harvest.hooks import parse_hook
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
+from lexica.harvest.cli import build_parser, resolve_config
+from lexica.harvest.corpus import plan_shards, read_shard
+from lexica.harvest.pool import run_harvest
+from lexica.hooks import parse_hook
+from lexica.store import ActivationStore
 
 
 def plain_batches(tokenizer, documents: list[str], context: int, batch_tokens: int) -> list[torch.Tensor]:

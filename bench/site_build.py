@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from synthetic_atlas import write_synthetic_atlas
 
-    from analysis.site import build_site
+    from lexica.analysis.site import build_site
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=int, default=16384)

@@ -6,7 +6,7 @@ power-law frequencies, a mean offset and noise), the same number of steps for ev
 
 (a) minimal PyTorch: dense pre-activations, top-k, codes scattered into a dense tensor, dense
     decode matmul, plain autograd, Adam; no AuxK
-(b) Lexica: ``train.loop.train_step`` on ``build('topk')``, dead mask from ``FiringTracker``
+(b) Lexica: ``lexica.train.step.train_step`` on ``build('topk')``, dead mask from ``FiringTracker``
 (c) SAELens 6.54.12: ``TopKTrainingSAE`` driven through ``SAETrainer.step`` (its defaults, but the
     same lr, b_dec at the data mean and the same dead-latent window)
 (d) sparsify 1.3.3: ``SparseCoder`` with its default optimiser (SignSGD in ScheduleFree), AuxK 1/32
@@ -47,31 +47,19 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-# This script shares its name with the package it measures: keep its own folder off the path.
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != BENCH]
-
-import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from harvest import storage
-from harvest.store import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    ActivationStore,
-    PartWriter,
-    arrow_schema,
-    encode_activations,
-    merge_statistics,
-    store_url,
-)
-from train.architectures import build
-from train.data import Prefetcher, normalisation_scale, shuffled_batches
-from train.loop import FiringTracker, new_optimizer, train_step
-from train.memory import retain_freed_memory
+from lexica import storage
+from lexica.run import store_url
+from lexica.store import ActivationStore, write_store
+from lexica.train.architectures import build
+from lexica.train.data import Prefetcher, normalisation_scale, shuffled_batches
+from lexica.train.memory import retain_freed_memory
+from lexica.train.step import FiringTracker, new_optimizer, train_step
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
 
 PEERS = {"c": "sae_lens", "d": "sparsify"}  # variant -> module it needs
 PEER_PACKAGES = ["torch==2.13.0", "sae-lens==6.54.12", "eai-sparsify==1.3.3",
@@ -208,7 +196,7 @@ class DenseReference:
 
 
 class LexicaStep:
-    """(b) What ``train.loop.train_worker`` does per step, minus the schedule and the logging."""
+    """(b) What ``lexica.train.worker.train_worker`` does per step, minus the schedule and the logging."""
 
     def __init__(self, sizes: Sizes, mean: torch.Tensor, lr: float, dead_tokens: int, variance: float):
         # As train_worker does. Process-wide: every variant measured in this process gets it too.
@@ -414,29 +402,11 @@ def compare_steps(args: argparse.Namespace, sizes: Sizes, only: set[str], pool: 
 # ---------------------------------------------------------------- store-fed training
 
 
-def write_store(run_url: str, vectors: torch.Tensor, shards: int, storage_options: dict) -> str:
-    """A complete fp16 store holding ``vectors``, as a harvest writes it (row groups of 4096 tokens)."""
-    url = store_url(run_url, HOOK)
-    schema = arrow_schema(vectors.shape[1], "float16", HOOK)
-    commits = []
-    for shard, rows in enumerate(vectors.half().chunk(shards)):
-        writer = PartWriter(url, shard, schema, storage_options)
-        writer.statistics.add(rows)
-        doc_ids = np.arange(len(rows), dtype=np.int64) // 512 + shard * 1_000_000  # 512-token windows
-        for start in range(0, len(rows), 4096):
-            group = slice(start, start + 4096)
-            writer.put(pa.table({"doc_id": doc_ids[group],
-                                 "position": (np.arange(len(rows))[group] % 512).astype(np.int32),
-                                 "token_id": np.zeros(len(doc_ids[group]), dtype=np.int32),
-                                 "activation": encode_activations(rows[group])}, schema=schema))
-        commits.append(writer.commit(documents=len(rows) // 512, empty_documents=0, invalid_utf8_documents=[],
-                                     windows=len(rows) // 512, doc_id_min=int(doc_ids[0]),
-                                     doc_id_max=int(doc_ids[-1]), seconds=0.0))
-    fs, root = storage.url_to_fs(url, storage_options)
-    storage.write_json(fs, storage.join(root, "manifest.json"), {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": HOOK, "d_model": vectors.shape[1],
-        "dtype": "float16", "model": {"id": "synthetic"}, "complete": True, "statistics": merge_statistics(commits)})
-    return url
+def write_bench_store(run_url: str, vectors: torch.Tensor, shards: int, storage_options: dict) -> str:
+    """A complete fp16 store holding ``vectors``, as a harvest writes it (512-token windows, row
+    groups of 4096 tokens)."""
+    return write_store(store_url(run_url, HOOK), vectors, HOOK, shards=shards, model={"id": "synthetic"},
+                       storage_options=storage_options)
 
 
 def start_moto() -> tuple[subprocess.Popen, dict]:
@@ -475,13 +445,14 @@ def compare_store(args: argparse.Namespace, sizes: Sizes, pool: list[torch.Tenso
     feeds: dict[str, Iterator[torch.Tensor]] = {"in-memory tensors": itertools.cycle(pool)}
     try:
         started = time.perf_counter()
-        stores = {"local": ActivationStore(write_store(os.path.join(scratch, "run"), vectors, sizes.store_shards, {}))}
+        local_url = write_bench_store(os.path.join(scratch, "run"), vectors, sizes.store_shards, {})
+        stores = {"local": ActivationStore(local_url)}
         print(f"\nlocal store: {len(vectors):,} rows fp16 written in {time.perf_counter() - started:.1f}s")
         try:
             server, options = start_moto()
             started = time.perf_counter()
             stores["S3 (moto, 127.0.0.1)"] = ActivationStore(
-                write_store("s3://lexica-bench/run", vectors, sizes.store_shards, options), options)
+                write_bench_store("s3://lexica-bench/run", vectors, sizes.store_shards, options), options)
             print(f"S3 store written in {time.perf_counter() - started:.1f}s")
         except Exception as error:  # moto missing or failing: measure the local store alone
             print(f"skipping the S3 store: {type(error).__name__}: {error}")

@@ -1,9 +1,9 @@
-"""``python -m deploy.pipeline``: harvest → train → analysis features in one driver process.
+"""``lexica pipeline``: harvest → train → analysis features in one driver process.
 
 The entrypoint of a submitted pipeline job (``deploy/submit.py``); it runs the same way on a
 laptop. Each stage is its own CLI's ``main`` called with the same config, so a stage behaves here
-exactly as ``python -m STAGE --config FILE`` does, and the stages share one Ray connection
-(``harvest.cluster.ensure_ray`` connects to ``RAY_ADDRESS``, which Ray sets for a job's driver).
+exactly as ``lexica STAGE --config FILE`` does, and the stages share one Ray connection
+(``lexica.cluster.ensure_ray`` connects to ``RAY_ADDRESS``, which Ray sets for a job's driver).
 The first stage that fails stops the pipeline, and its exit code becomes the pipeline's.
 """
 
@@ -17,6 +17,9 @@ import time
 import traceback
 from collections.abc import Callable
 from typing import NamedTuple, TextIO
+
+from lexica.command import run_main
+from lexica.errors import LexicaError
 
 STAGES = ("harvest", "train", "analysis")
 # The submitter ships the config's text inside the job, so a config outside the uploaded working
@@ -34,7 +37,7 @@ class StageResult(NamedTuple):
     seconds: float
 
 
-class PipelineError(ValueError):
+class PipelineError(LexicaError, ValueError):
     """The pipeline cannot start: bad stages, a missing config, a run folder no cluster node can share."""
 
 
@@ -57,18 +60,18 @@ def stage_argv(stage: str, config_path: str, run_url: str | None) -> list[str]:
 def stage_main(stage: str) -> Callable[[list[str]], int]:
     # Imported when the stage starts, so a pipeline of one stage never imports the others.
     if stage == "harvest":
-        from harvest.cli import main
+        from lexica.harvest.cli import main
     elif stage == "train":
-        from train.cli import main
+        from lexica.train.cli import main
     else:
-        from analysis.cli import main
+        from lexica.analysis.cli import main
     return main
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
     """Run one stage's CLI; an exception or ``sys.exit`` becomes an exit code, never a crash of the pipeline."""
     try:
-        code = stage_main(stage)(argv)
+        code = run_main(stage_main(stage), argv)
     except SystemExit as stop:  # argparse and the stages' own exits
         if stop.code is None or isinstance(stop.code, int):
             return int(stop.code or 0)
@@ -84,7 +87,7 @@ def effective_run(config_path: str, run_url: str | None) -> list[str]:
     """The run folder(s) the stages will use: ``--set-run`` or each stage's section of the config."""
     if run_url:
         return [run_url]
-    from harvest.config import stage_section
+    from lexica.config import stage_section
 
     return sorted({stage_section(config_path, stage).get("run") or DEFAULT_RUN for stage in STAGES})
 
@@ -122,7 +125,7 @@ def run_pipeline(config_path: str, stages: list[str], run_url: str | None = None
     results = []
     for number, stage in enumerate(stages, start=1):
         argv = stage_argv(stage, config_path, run_url)
-        banner(f"stage {number}/{len(stages)}: {stage}  (python -m {stage} {' '.join(argv)})", out)
+        banner(f"stage {number}/{len(stages)}: {stage}  (lexica {stage} {' '.join(argv)})", out)
         started = time.monotonic()
         code = run_stage(stage, argv)
         # The stages print through both streams; flush so the banner follows their last lines.
@@ -148,7 +151,7 @@ def summary_lines(results: list[StageResult], stages: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.pipeline",
+        prog="lexica pipeline",
         description="Run harvest, train and analysis features in order with one config; the entrypoint of a "
                     "submitted Ray job. Stops at the first failing stage with its exit code.")
     parser.add_argument("--config", help="YAML pipeline config (local path or fsspec URL). Inside a job "
@@ -176,22 +179,15 @@ def materialise_config(config: str | None) -> tuple[str, str]:
     return handle.name, os.environ.get(CONFIG_SOURCE_ENV, "config shipped by deploy.submit")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        stages = parse_stages(args.stages)
-        config_path, config_name = materialise_config(args.config)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    stages = parse_stages(args.stages)
+    config_path, config_name = materialise_config(args.config)
     try:
         check_run_location(effective_run(config_path, args.set_run))
         print(f"pipeline: {' → '.join(stages)}; config {config_name}"
               + (f"; run {args.set_run}" if args.set_run else ""), flush=True)
         results = run_pipeline(config_path, stages, args.set_run)
-    except ValueError as error:  # PipelineError, or a ConfigError for unreadable YAML
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
     finally:
         if config_path != args.config:
             os.unlink(config_path)
@@ -199,6 +195,3 @@ def main(argv: list[str] | None = None) -> int:
     failed = [result for result in results if result.exit_code != 0]
     return failed[0].exit_code if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m deploy.submit``: run Lexica's pipeline (or some of its stages) as a job on any Ray cluster.
+"""``lexica submit``: run Lexica's pipeline (or some of its stages) as a job on any Ray cluster.
 
 Goes through the Ray Jobs API of the cluster's dashboard (``http://HEAD:8265``): the repository is
 uploaded as the job's working directory (large and generated folders excluded), the config travels
@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from deploy.pipeline import CONFIG_SOURCE_ENV, CONFIG_TEXT_ENV, STAGES, PipelineError, parse_stages
+from lexica.deploy.pipeline import CONFIG_SOURCE_ENV, CONFIG_TEXT_ENV, STAGES, parse_stages
+from lexica.errors import LexicaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -36,7 +37,7 @@ TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(LexicaError, RuntimeError):
     """The job could not be submitted or reached; the message says why and what to do."""
 
 
@@ -45,7 +46,7 @@ class SubmitError(RuntimeError):
 
 def pipeline_entrypoint(stages: list[str], run_url: str | None = None) -> str:
     """The job's command: the pipeline driver with the stages to run (the config comes through the environment)."""
-    command = ["python", "-m", "deploy.pipeline", "--stages", ",".join(stages)]
+    command = ["python", "-m", "lexica", "pipeline", "--stages", ",".join(stages)]
     if run_url:
         command += ["--set-run", run_url]
     return shlex.join(command)
@@ -89,7 +90,7 @@ def pip_requirements(specs: list[str], from_pyproject: bool) -> list[str]:
 
 def read_config(config: str) -> str:
     """The config's text, checked to be YAML here rather than minutes later on the cluster."""
-    from harvest.config import ConfigError, load_yaml
+    from lexica.config import ConfigError, load_yaml
 
     if "://" not in config and not os.path.isfile(config):
         raise SubmitError(f"config file {config} does not exist")
@@ -215,7 +216,7 @@ def stop(client, job_id: str, timeout: float = 60.0) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.submit",
+        prog="lexica submit",
         description="Submit Lexica's pipeline to a Ray cluster through its Jobs API, and follow, inspect or stop "
                     "the job. The cluster's address is its dashboard's (default: $RAY_API_SERVER_ADDRESS, "
                     f"$RAY_ADDRESS if it is an http URL, else {DEFAULT_ADDRESS}).")
@@ -259,7 +260,12 @@ def default_address(environ: Mapping[str, str]) -> str:
     return environ.get("RAY_API_SERVER_ADDRESS") or (ray_address if ray_address.startswith("http") else DEFAULT_ADDRESS)
 
 
-def main(argv: list[str] | None = None) -> int:
+JOB_COMMANDS = ("submit", "logs", "status", "stop")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in (*JOB_COMMANDS, "-h", "--help"):
+        argv = ["submit", *argv]  # `lexica submit --config FILE`: submitting is the default
     args = build_parser().parse_args(argv)
     address = args.address or default_address(os.environ)
     try:
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.pip_from_pyproject, Path(args.working_dir), args.submission_id,
                             pass_credentials=not args.no_credentials)
             if not args.follow:
-                print(f"follow it:  python -m deploy.submit logs {job_id} --follow --address {address}")
+                print(f"follow it:  lexica submit logs {job_id} --follow --address {address}")
                 return 0
             final = follow_logs(connect(address), job_id)
             print(f"job {job_id}: {final}")
@@ -290,14 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         final = stop(client, args.job_id, args.timeout)
         print(f"job {args.job_id}: {final}")
         return EXIT_CODES[final]
-    except (SubmitError, PipelineError, TimeoutError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except TimeoutError as error:
+        raise SubmitError(str(error)) from error
     except KeyboardInterrupt:
-        print("\ninterrupted: the job keeps running on the cluster (stop it with `python -m deploy.submit stop ID`)",
+        print("\ninterrupted: the job keeps running on the cluster (stop it with `lexica submit stop ID`)",
               file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,14 +9,14 @@ usage() {
 usage: docker run IMAGE STAGE [ARGS...]
 
 stages (ARGS go to the stage; `STAGE --help` lists them):
-  harvest    python -m harvest          activations of a model's layer over a corpus
-  train      python -m train            fit a sparse dictionary to an activation store
-  analysis   python -m analysis         feature atlas, steering, monitoring
-  pipeline   python -m deploy.pipeline  the stages in order, as one Ray job
+  harvest    lexica harvest   activations of a model's layer over a corpus
+  train      lexica train     fit a sparse dictionary to an activation store
+  analysis   lexica analysis  feature atlas (also: steer, monitor, browse, verify, plot)
+  pipeline   lexica pipeline  the stages in order, as one Ray job
 
 any other command runs as given, e.g. `ray start --head`, `python`, `bash`.
 example: docker run IMAGE harvest --model HUB_ID --hook resid_post.15 \
-             --corpus 's3://bucket/corpus/*.jsonl' --out s3://bucket/runs/mine
+             --corpus 's3://bucket/corpus/*.jsonl' --run s3://bucket/runs/mine
 USAGE
 }
 
@@ -28,8 +28,8 @@ fi
 stage=$1
 shift
 case "$stage" in
-    harvest | train | analysis) exec python -m "$stage" "$@" ;;
-    pipeline) exec python -m deploy.pipeline "$@" ;;
+    harvest | verify | train | plot | analysis | steer | monitor | browse | pipeline | submit)
+        exec lexica "$stage" "$@" ;;
     -h | --help | help) usage ;;
     *)
         if command -v "$stage" >/dev/null 2>&1; then

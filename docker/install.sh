@@ -43,7 +43,7 @@ PYTHON
 
 # Build TopK's CPU selection kernel into the cache now, so CPU workers start with it; without a
 # C compiler in the image this only prints that training takes the (slower) PyTorch path.
-python -c 'import logging; logging.basicConfig(level=logging.INFO); from train import native; native.load("topk_rows")'
+python -c 'import logging; logging.basicConfig(level=logging.INFO); from lexica.train import native; native.load("topk_rows")'
 
 # Fail the build here, not on a cluster, if a stage cannot even start.
-python -c 'import analysis, harvest, ray, torch, train, transformers; print("lexica installed:", "torch", torch.__version__, "ray", ray.__version__)'
+python -c 'import lexica.analysis, lexica.harvest, lexica.train, ray, torch, transformers; print("lexica installed:", "torch", torch.__version__, "ray", ray.__version__)'

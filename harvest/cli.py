@@ -1,29 +1,19 @@
-"""``python -m harvest``: run a harvest from a YAML config and/or flags; ``verify`` a store."""
+"""``lexica harvest``: run a harvest from a YAML config and/or flags; ``lexica verify``: check a store."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 
 import yaml
 
-from harvest.config import (
-    ConfigError,
-    HarvestConfig,
-    apply_overrides,
-    assign_dotted,
-    field_help,
-    from_dict,
-    harvest_config_from_file,
-    to_dict,
-)
+from lexica.config import apply_overrides, assign_dotted, field_help, from_dict, to_dict
+from lexica.harvest.config import HarvestConfig, harvest_config_from_file
 
 FLAG_TARGETS = {  # flag → dotted config field it sets
     "model": "model.path", "revision": "model.revision", "dtype": "model.dtype", "device": "model.device",
-    "hook": "hook", "out": "run", "context_length": "context_length", "store_dtype": "store_dtype",
+    "hook": "hook", "run": "run", "context_length": "context_length", "store_dtype": "store_dtype",
     "batch_tokens": "batch_tokens", "bos": "bos", "actors": "workers.actors",
     "cpus_per_actor": "workers.cpus_per_actor", "gpus_per_actor": "workers.gpus_per_actor",
     "torch_threads": "workers.torch_threads", "docs_per_shard": "corpus.docs_per_shard",
@@ -35,9 +25,10 @@ FLAG_TARGETS = {  # flag → dotted config field it sets
 def build_parser() -> argparse.ArgumentParser:
     helps = {name: text for name, _, text in field_help(HarvestConfig)}
     parser = argparse.ArgumentParser(
-        prog="python -m harvest",
-        description="Harvest a model layer's activations over a corpus into a Parquet activation store.",
-        epilog="Subcommand: python -m harvest verify STORE_URL  (checks parts against commit records)")
+        prog="lexica harvest",
+        description="Harvest a model layer's activations over a corpus into a Parquet activation store "
+                    "(<run>/activations/<hook>/).",
+        epilog="lexica verify STORE_URL checks a store's parts against their commit records.")
     parser.add_argument("--config", help="YAML pipeline config; its 'harvest:' section (flags override it)")
     for flag, target in FLAG_TARGETS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
@@ -76,44 +67,27 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
     return from_dict(HarvestConfig, values, "harvest").validate()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from harvest.corpus import CorpusError
-    from harvest.hooks import HookError
-    from harvest.model import ModelError
-    from harvest.pool import HarvestError
-    from harvest.storage import StorageError
-    from harvest.store import StoreError
-
-    user_errors = (ConfigError, CorpusError, HookError, ModelError, StorageError, StoreError, HarvestError)
-    try:
-        if argv[:1] == ["verify"]:
-            return _verify(argv[1:])
-        args = build_parser().parse_args(argv)
-        config = resolve_config(args)
-        if args.print_config:
-            print(yaml.safe_dump({"harvest": to_dict(config)}, sort_keys=False))
-            return 0
-        from harvest.pool import format_summary, run_harvest
-
-        summary = run_harvest(config)
-        print(format_summary(summary))
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    if args.print_config:
+        print(yaml.safe_dump({"harvest": to_dict(config)}, sort_keys=False))
         return 0
-    except user_errors as error:
-        # One line, whatever the message: libraries (transformers, fsspec) embed newlines.
-        print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()),
-              file=sys.stderr)
-        return 1 if isinstance(error, HarvestError) else 2  # 1: the run failed; 2: bad input
+    from lexica.harvest.pool import format_summary, run_harvest
+
+    summary = run_harvest(config)
+    print(format_summary(summary))
+    return 0
 
 
-def _verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harvest verify")
+def verify_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lexica verify", description="Check a store's parts against their "
+                                     "commit records (sizes, row counts, checksums) and list orphaned parts.")
     parser.add_argument("store", help="store URL, e.g. runs/demo/activations/resid_post.15")
     parser.add_argument("--no-checksums", action="store_true", help="check sizes and row counts only")
     parser.add_argument("--storage-options", default="{}", help="fsspec options as YAML/JSON")
     args = parser.parse_args(argv)
-    from harvest.store import ActivationStore
+    from lexica.store import ActivationStore
 
     store = ActivationStore(args.store, yaml.safe_load(args.storage_options))
     report = store.verify(checksums=not args.no_checksums)
@@ -121,4 +95,4 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["main", "build_parser", "resolve_config", "from_dict"]
+__all__ = ["main", "verify_main", "build_parser", "resolve_config"]

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from harvest.config import CorpusConfig
-from harvest.storage import to_url, url_to_fs
+from lexica.errors import LexicaError
+from lexica.harvest.config import CorpusConfig
+from lexica.storage import to_url, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ FILE_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 SCAN_BLOCK_BYTES = 8 << 20
 
 
-class CorpusError(ValueError):
+class CorpusError(LexicaError, ValueError):
     """The corpus cannot be read as configured; the message names the file/row/field."""
 
 

@@ -13,19 +13,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from harvest import packing
-from harvest.config import ConfigError, HarvestConfig
-from harvest.corpus import ShardPlan, read_shard
-from harvest.hooks import Capture, HookPoint, count_blocks, parse_hook, prune_after
-from harvest.model import LoadedModel, load_model
-from harvest.store import (
-    TORCH_DTYPES,
-    CommitRecord,
-    PartWriter,
-    arrow_schema,
-    encode_activations,
-    store_url,
-)
+from lexica.config import ConfigError
+from lexica.harvest import packing
+from lexica.harvest.config import HarvestConfig
+from lexica.harvest.corpus import ShardPlan, read_shard
+from lexica.hooks import Capture, HookPoint, count_blocks, parse_hook, prune_after
+from lexica.models import LoadedModel, load_model
+from lexica.run import store_url
+from lexica.store import TORCH_DTYPES, CommitRecord, PartWriter, arrow_schema, encode_activations
 
 
 def uses_bos(policy: str, tokenizer) -> bool:

@@ -14,30 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import yaml
-
-from harvest import storage
-from harvest.cluster import ensure_ray
-from harvest.config import HarvestConfig, from_dict, to_dict
-from harvest.corpus import ShardPlan, plan_shards
-from harvest.hooks import hook_module, parse_hook
-from harvest.model import load_config_and_tokenizer, model_skeleton
-from harvest.progress import Progress, duration, human
-from harvest.store import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    ActivationStore,
-    StoreMismatchError,
-    describe_differences,
-    identity,
-    merge_statistics,
-    store_url,
-)
+from lexica import storage
+from lexica.cluster import ensure_ray
+from lexica.config import from_dict, to_dict
+from lexica.errors import FailedError
+from lexica.harvest.config import HarvestConfig
+from lexica.harvest.corpus import ShardPlan, plan_shards
+from lexica.hooks import hook_module, parse_hook
+from lexica.models import load_config_and_tokenizer, model_skeleton
+from lexica.progress import Progress, duration, human
+from lexica.run import Run
+from lexica.store import ActivationStore, create_or_check_manifest, mark_complete, merge_statistics, new_manifest
 
 log = logging.getLogger(__name__)
 
 
-class HarvestError(RuntimeError):
+class HarvestError(FailedError):
     """The harvest could not finish; the message says which shard and why."""
 
 
@@ -64,8 +56,8 @@ class HarvestSummary:
 
 def describe_model(config: HarvestConfig, hf_config, tokenizer) -> dict:
     """What the manifest records about the model (from its config and tokenizer, no weights)."""
-    from harvest.harvester import uses_bos
-    from harvest.model import config_hash
+    from lexica.harvest.harvester import uses_bos
+    from lexica.models import config_hash
 
     return {
         "n_layers": int(hf_config.num_hidden_layers),
@@ -81,14 +73,10 @@ def describe_model(config: HarvestConfig, hf_config, tokenizer) -> dict:
 def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, plan: ShardPlan) -> dict:
     corpus = to_dict(config.corpus)
     corpus.pop("docs_per_shard")  # carried by the plan
-    return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook_name,
-        "d_model": model_facts["d_model"], "dtype": config.store_dtype, "model": model_facts["model"],
-        "tokenizer": model_facts["tokenizer"], "context_length": config.context_length,
-        "bos": {"prepend": model_facts["bos"], "stored": False}, "corpus": corpus,
-        "plan_fingerprint": plan.fingerprint(), "plan": plan.to_dict(),
-        "created_at": time.time(), "complete": False, "statistics": None,
-    }
+    return new_manifest(hook=hook_name, d_model=model_facts["d_model"], dtype=config.store_dtype,
+                        model=model_facts["model"], tokenizer=model_facts["tokenizer"],
+                        context_length=config.context_length, bos_prepended=model_facts["bos"], corpus=corpus,
+                        plan=plan.to_dict(), plan_fingerprint=plan.fingerprint())
 
 
 def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
@@ -99,25 +87,12 @@ def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
     # An unresolvable hook (an architecture without the sub-module) fails here, not in every actor.
     hook_module(model_skeleton(hf_config, config.model.trust_remote_code), hook)
     plan = plan_shards(config.corpus, config.storage_options)  # before anything is written
-    run_fs, run_path = storage.url_to_fs(config.run, config.storage_options)
-    storage.check_writable(run_fs, run_path, config.run)
-    url = store_url(config.run, hook.name)
-    fs, root = storage.url_to_fs(url, config.storage_options)
+    run = Run(config.run, config.storage_options)
+    storage.check_writable(run.fs, run.root, config.run)
+    url = run.store_url(hook.name)
     wanted = build_manifest(config, model_facts, hook.name, plan)
-    manifest_path = storage.join(root, "manifest.json")
-    if storage.exists(fs, manifest_path):
-        existing = storage.read_json(fs, manifest_path)
-        if identity(existing) != identity(wanted):
-            differences = describe_differences(existing, wanted)
-            if not config.overwrite:
-                raise StoreMismatchError(
-                    f"a store made with a different configuration already exists at {url}: "
-                    + "; ".join(differences) + ". Re-run with --overwrite to replace it, or choose another --out.")
-            log.warning("replacing the store at %s (--overwrite): %s", url, "; ".join(differences))
-            fs.rm(root, recursive=True)
-            storage.write_json(fs, manifest_path, wanted)
-    else:
-        storage.write_json(fs, manifest_path, wanted)
+    if create_or_check_manifest(url, wanted, config.overwrite, config.storage_options):
+        log.warning("replaced the store at %s (--overwrite): it was made with a different configuration", url)
     return url, plan, wanted
 
 
@@ -133,21 +108,7 @@ def remove_orphans(store: ActivationStore) -> int:
 
 def record_run_config(config: HarvestConfig) -> None:
     """Keep run.yaml's ``harvest`` section equal to the configuration that produced the store."""
-    record_stage(config.run, config.storage_options, "harvest", to_dict(config))
-
-
-def record_stage(run_url: str, storage_options: dict | None, stage: str, section: dict) -> None:
-    """Replace one stage's section of ``<run>/run.yaml`` (the resolved configuration of each stage)."""
-    fs, run_path = storage.url_to_fs(run_url, storage_options)
-    path = storage.join(run_path, "run.yaml")
-    document = {}
-    if storage.exists(fs, path):
-        with fs.open(path, "rb") as handle:
-            document = yaml.safe_load(handle) or {}
-    section = dict(section)
-    section.pop("storage_options", None)  # may name endpoints; never credentials, but keep runs portable
-    document[stage] = section
-    storage.write_bytes(fs, path, yaml.safe_dump(document, sort_keys=False).encode())
+    Run(config.run, config.storage_options).record("harvest", to_dict(config))
 
 
 # ---------------------------------------------------------------- Ray actors
@@ -159,7 +120,7 @@ class HarvestWorker:
     def __init__(self, config_values: dict, plan_values: dict, torch_threads: int):
         import torch
 
-        from harvest.harvester import Harvester
+        from lexica.harvest.harvester import Harvester
 
         torch.set_num_threads(torch_threads)
         self.config = from_dict(HarvestConfig, config_values, "harvest")
@@ -207,7 +168,7 @@ def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | Non
 
 def _run_inline(config: HarvestConfig, plan: ShardPlan, pending: list[int]) -> int:
     """``workers.actors: 0``: every shard in this process, no Ray (debugging, profiling, tests)."""
-    from harvest.harvester import Harvester
+    from lexica.harvest.harvester import Harvester
 
     harvester = Harvester(config)
     documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in pending)
@@ -344,8 +305,7 @@ def finish(config: HarvestConfig, url: str, plan: ShardPlan, skipped: int, start
         missing = sorted(set(range(len(plan.shards))) - {c.shard for c in commits})
         raise HarvestError(f"{len(missing)} shard(s) not committed: {missing[:10]}")
     statistics = merge_statistics(commits)
-    manifest = {**store.manifest, "complete": True, "statistics": statistics}
-    storage.write_json(store.fs, storage.join(store.root, "manifest.json"), manifest)
+    mark_complete(store, statistics)
     seconds = time.monotonic() - started
     total_bytes = statistics.get("bytes", 0)
     rows = statistics["rows"]

@@ -17,8 +17,8 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from sae_lens import SAE
 
-    from harvest.store import ActivationStore
-    from train.export import load_dictionary
+    from lexica.store import ActivationStore
+    from lexica.train.export import load_dictionary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", help="exported dictionary folders (<run>/dictionaries/<name>/final)")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 def ours_store_url(folder: str) -> str:
     import json
 
-    from harvest import storage
+    from lexica import storage
 
     fs, path = storage.url_to_fs(folder)
     with fs.open(storage.join(path, "cfg.json"), "rb") as handle:

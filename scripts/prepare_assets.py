@@ -1,4 +1,4 @@
-"""Prepare the offline demo assets for Lexica (see DESIGN.md section 8).
+"""Prepare the offline demo assets for Lexica (docs/getting-started.md, "Demo assets").
 
 This machine has no model hub, so the demo model and corpus are built once from
 packages that *can* be installed here and cached under a destination folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train import native
+from lexica.train import native
 
 
 def require_c_compiler() -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from analysis import atlas
+from lexica.analysis import atlas
 
 PAYLOADS = (
     "<script>window.__pwned=1</script>",

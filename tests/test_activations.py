@@ -7,11 +7,11 @@ import torch
 from conftest import ARCHITECTURES, sample_texts, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.hooks import Capture, HookError, parse_hook
-from harvest.model import load_model
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.hooks import Capture, HookError, parse_hook
+from lexica.models import ModelConfig, load_model
+from lexica.store import ActivationStore
 
 CONTEXT = 24
 

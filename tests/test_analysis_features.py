@@ -1,4 +1,4 @@
-"""``python -m analysis features`` end to end on a harvested store and a trained dictionary, and
+"""``lexica analysis features`` end to end on a harvested store and a trained dictionary, and
 the inputs it must refuse."""
 
 from __future__ import annotations
@@ -9,14 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import sample_texts, write_jsonl
 
-from analysis import atlas
-from analysis.cli import main
-from analysis.config import AnalysisConfig
-from analysis.sources import AnalysisError, open_dictionary, open_store
-from harvest.config import ConfigError, CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from train.config import TrainConfig
-from train.loop import fit
+from lexica.analysis import atlas
+from lexica.analysis.config import AnalysisConfig
+from lexica.analysis.sources import AnalysisError, open_dictionary, open_store
+from lexica.cli import main
+from lexica.config import ConfigError
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig
+from lexica.train.config import TrainConfig
+from lexica.train.fit import fit
 
 CONTEXT = 32
 
@@ -41,12 +43,12 @@ def trained_run(tiny_models, tmp_path_factory):
 
 def test_features_builds_every_table_and_the_site(trained_run, capsys):
     run, name, store_url, _ = trained_run
-    code = main(["features", "--run", str(run), "--workers", "0", "--set", "top_examples=5",
+    code = main(["analysis", "features", "--run", str(run), "--workers", "0", "--set", "top_examples=5",
                  "--set", "samples=16", "--set", "window_before=4", "--set", "window_after=2"])
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     folder = run / "analysis" / name
-    assert str(folder / "site") in out or "site" in out
+    assert f"feature browser: {folder / 'site' / 'index.html'}" in out
     for table, schema in atlas.TABLES.items():
         assert pq.read_schema(folder / f"{table}.parquet").equals(schema, check_metadata=False), table
     summary = json.loads((folder / "summary.json").read_text())
@@ -80,15 +82,15 @@ def test_a_store_of_another_model_is_refused(trained_run, tiny_models, tmp_path)
 
 def test_unknown_dictionary_and_bad_knobs_are_named(trained_run, tmp_path, capsys):
     run, name, _, _ = trained_run
-    assert main(["features", "--run", str(run), "--dictionary", "nope"]) == 2
+    assert main(["analysis", "features", "--run", str(run), "--dictionary", "nope"]) == 2
     error = capsys.readouterr().err
     assert "'nope'" in error and name in error
-    assert main(["features", "--run", str(tmp_path / "empty")]) == 2
+    assert main(["analysis", "features", "--run", str(tmp_path / "empty")]) == 2
     assert "no exported dictionary" in capsys.readouterr().err
-    assert main(["features", "--run", str(run), "--set", "top_examples=0"]) == 2
+    assert main(["analysis", "features", "--run", str(run), "--set", "top_examples=0"]) == 2
     assert "top_examples = 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
-        from harvest.config import from_dict
+        from lexica.config import from_dict
 
         from_dict(AnalysisConfig, {"top_exmaples": 3}, "analysis")
 
@@ -101,7 +103,7 @@ def test_an_empty_store_is_refused(trained_run, tmp_path):
     shutil.copytree(store_url, empty)
     shutil.rmtree(empty / "commits")
     (empty / "commits").mkdir()
-    from harvest.store import StoreError
+    from lexica.store import StoreError
 
     with pytest.raises(StoreError, match="no committed rows"):
         open_store(open_dictionary(str(run), name), str(empty), str(run))

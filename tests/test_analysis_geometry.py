@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from analysis import atlas, geometry
-from analysis.logits import logit_effects, readout_from_model
+from lexica.analysis import atlas, geometry
+from lexica.analysis.logits import logit_effects, readout_from_model
 
 
 def clustered_directions(groups: int = 24, per_group: int = 20, d: int = 48, noise: float = 0.25, seed: int = 0):

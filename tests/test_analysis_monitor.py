@@ -22,9 +22,10 @@ from test_analysis_steering import (
     planted_model,
 )
 
-from analysis.monitor import main, monitor, read_texts
-from analysis.sources import AnalysisError
-from harvest.hooks import Capture, parse_hook
+from lexica.analysis.monitor import monitor, read_texts
+from lexica.analysis.sources import AnalysisError
+from lexica.cli import main as lexica_main
+from lexica.hooks import Capture, parse_hook
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "No animal here at all.",
          "A fox, another fox and a dog; foxes everywhere."]
@@ -123,7 +124,8 @@ def test_the_cli_reports_a_table_and_json_lines(planted, tmp_path, capsys, monke
     texts.write_text(TEXTS[0] + "\n\n" + TEXTS[1] + "\n")
     out = tmp_path / "report.jsonl"
     common = ["--run", str(run_folder), "--device", "cpu"]
-    assert main(common + ["--watch", "0,4", "--texts", str(texts), "--threshold", "1", "--jsonl", str(out)]) == 0
+    assert lexica_main(["monitor", *common, "--watch", "0,4", "--texts", str(texts), "--threshold", "1",
+                        "--jsonl", str(out)]) == 0
     table = capsys.readouterr().out
     assert "FLAGGED" in table and "1 of 2 texts flagged" in table and '" fox"@3 3' in table
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -132,13 +134,13 @@ def test_the_cli_reports_a_table_and_json_lines(planted, tmp_path, capsys, monke
     assert lines[0]["features"][0]["positions"] == [{"position": 3, "token": PLANTED_WORD, "activation": TOKEN_PLANT}]
 
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXTS[2] + "\n"))
-    assert main(common + ["--watch", "0", "--texts", "-", "--json"]) == 0
+    assert lexica_main(["monitor", *common, "--watch", "0", "--texts", "-", "--json"]) == 0
     (printed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed["features"][0]["fires"] == 3 and printed["text"] == TEXTS[2]
 
     for extra, message in [(["--watch", "0,99", "--texts", str(texts)], "feature 99 is out of range"),
                            (["--watch", "zero", "--texts", str(texts)], "expected comma-separated feature ids"),
                            (["--watch", "0", "--texts", str(tmp_path / "missing.txt")], "cannot read texts")]:
-        assert main(common + extra) == 2
+        assert lexica_main(["monitor", *(common + extra)]) == 2
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error, error

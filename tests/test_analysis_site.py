@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from synthetic_atlas import PAYLOADS, write_synthetic_atlas
 
-from analysis import browse
-from analysis.site import build_site, display_token, script_json
+from lexica.analysis import browse
+from lexica.analysis.site import build_site, display_token, script_json
+from lexica.cli import main as lexica_main
 
 FEATURES = 150  # more than one index page (100 rows)
 PAYLOAD_FEATURE = 1
@@ -252,17 +253,17 @@ def test_optional_tables_are_left_out(tmp_path):
 
 def test_browse_command(tmp_path, capsys):
     run = tmp_path / "run"
-    assert browse.main(["--run", str(run)]) == 2
+    assert lexica_main(["browse", "--run", str(run)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     export = run / "dictionaries" / "topk-1" / "final"
     export.mkdir(parents=True)
     (export / "cfg.json").write_text("{}")
-    assert browse.main(["--run", str(run)]) == 2
+    assert lexica_main(["browse", "--run", str(run)]) == 2
     assert "site of dictionary 'topk-1' is not built" in capsys.readouterr().err
     write_synthetic_atlas(str(run / "analysis" / "topk-1"), features=3, contexts_per_feature=4, tokens_per_context=5)
     build_site(str(run / "analysis" / "topk-1"))
-    assert browse.main(["--run", str(run), "--print-path"]) == 0
+    assert lexica_main(["browse", "--run", str(run), "--print-path"]) == 0
     assert capsys.readouterr().out.strip() == (run / "analysis" / "topk-1" / "site" / "index.html").as_uri()
-    assert browse.main(["--run", str(run), "--port", "70000"]) == 2
+    assert lexica_main(["browse", "--run", str(run), "--port", "70000"]) == 2
     assert "not a port number" in capsys.readouterr().err
     assert browse.is_loopback("127.0.0.1") and browse.is_loopback("::1") and not browse.is_loopback("0.0.0.0")

@@ -11,17 +11,18 @@ import pytest
 import torch
 from conftest import sample_texts, write_jsonl
 
-from analysis import atlas, stats
-from analysis.config import AnalysisConfig
-from analysis.contexts import build_contexts
-from analysis.sources import load_tokenizer, token_strings
-from analysis.stats import compute_statistics, sample_priority
-from harvest import storage
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
-from train.architectures import build
-from train.export import export_dictionary, load_dictionary
+from lexica import storage
+from lexica.analysis import atlas, stats
+from lexica.analysis.config import AnalysisConfig
+from lexica.analysis.contexts import build_contexts
+from lexica.analysis.sources import token_strings
+from lexica.analysis.stats import compute_statistics, sample_priority
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig, load_tokenizer
+from lexica.store import ActivationStore
+from lexica.train.architectures import build
+from lexica.train.export import export_dictionary, load_dictionary
 
 D_MODEL, D_SAE, TOP, SAMPLES, BATCH_ROWS = 64, 256, 6, 10, 256
 
@@ -193,7 +194,7 @@ def test_contexts_are_store_rows_with_the_features_values(harvested, dictionarie
     dictionary = dictionaries["topk"]
     result = compute_statistics(store, dictionary, config())
     examples = result.examples_table(2, 1)
-    tokenizer = load_tokenizer(str(model))
+    tokenizer = load_tokenizer(ModelConfig(path=str(model)))
     contexts = build_contexts(store, dictionary, examples, tokenizer, config())
     assert contexts.schema.equals(atlas.CONTEXTS_SCHEMA)
     assert contexts.select(examples.column_names).equals(examples)
@@ -224,6 +225,6 @@ def test_statistics_and_contexts_read_object_storage(harvested, dictionaries, s3
     remote_result = compute_statistics(remote, dictionary, config(max_tokens=300))
     assert_identical(remote_result, local_result)
     examples = local_result.examples_table(1, 1)
-    tokenizer = load_tokenizer(str(model))
+    tokenizer = load_tokenizer(ModelConfig(path=str(model)))
     assert build_contexts(remote, dictionary, examples, tokenizer, config()).equals(
         build_contexts(store, dictionary, examples, tokenizer, config()))

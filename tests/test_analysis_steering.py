@@ -11,14 +11,17 @@ import torch
 from conftest import write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from analysis import atlas
-from analysis.sources import AnalysisError
-from analysis.steering import clamp, clamped_logits, main, steer, steer_run
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
-from train.architectures import build
-from train.export import export_dictionary
+from lexica.analysis import atlas
+from lexica.analysis.sources import AnalysisError
+from lexica.analysis.steering import clamp, clamped_logits, steer, steer_run
+from lexica.cli import main as lexica_main
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig
+from lexica.run import Run
+from lexica.store import ActivationStore
+from lexica.train.architectures import build
+from lexica.train.export import export_dictionary
 
 HOOK, D_MODEL, D_SAE, CONTEXT = "resid_post.1", 64, 8, 32
 TOKEN_DIM, BIAS_DIM = 63, 62  # residual coordinates nothing writes to before the hook, except the plants
@@ -209,7 +212,7 @@ def test_steer_run_resolves_the_dictionary_bos_and_multiples(models, run, capsys
     _, planted, _ = models
     run_folder, store = run
     assert store.manifest["bos"]["prepend"]
-    with pytest.raises(AnalysisError, match=r"feature 4 = 2x.*features\.parquet.*python -m analysis features"):
+    with pytest.raises(AnalysisError, match=r"feature 4 = 2x.*features\.parquet.*lexica analysis features"):
         steer_run(str(run_folder), PROMPT, {BIAS_FEATURE: 0, 4: "2x"}, max_new_tokens=4, device="cpu")
     maxima = [1.0] * D_SAE
     maxima[4] = 7.5
@@ -225,11 +228,11 @@ def test_steer_run_resolves_the_dictionary_bos_and_multiples(models, run, capsys
 
     arguments = ["--run", str(run_folder), "--feature", "4", "--value", "2x", "--feature", "1", "--value", "0",
                  "--prompt", PROMPT, "--max-new-tokens", "6", "--device", "cpu"]
-    assert main(arguments + ["--width", "80"]) == 0
+    assert lexica_main(["steer", *arguments, "--width", "80"]) == 0
     printed = capsys.readouterr().out
     assert "feature 4 = 2x (= 15), feature 1 = 0" in printed
     assert printed.splitlines()[4].startswith("baseline") and "| steered" in printed
-    assert main(arguments + ["--json"]) == 0
+    assert lexica_main(["steer", *arguments, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["steered"]["token_ids"] == result.steered_ids and document["baseline"]["text"] == \
         result.baseline_text
@@ -247,10 +250,10 @@ def test_the_cli_refuses_bad_input_with_exit_status_2(run, capsys):
         (["--feature", "1", "--value", "0", "--dictionary", "nope"], "dictionary 'nope' has no export"),
     ]
     for extra, message in cases:
-        assert main(common + extra) == 2
+        assert lexica_main(["steer", *(common + extra)]) == 2
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error, error
-    assert main(["--run", str(run_folder), "--prompt", "", "--feature", "1", "--value", "0"]) == 2
+    assert lexica_main(["steer", "--run", str(run_folder), "--prompt", "", "--feature", "1", "--value", "0"]) == 2
     assert "prompt is empty" in capsys.readouterr().err
 
 
@@ -261,4 +264,4 @@ def write_features_table(run_folder, maxima: list[float]) -> None:
     table = pa.table({"feature": list(range(count)), "fires": [1] * count, "density": [0.1] * count,
                       "max_activation": maxima, "mean_activation": maxima,
                       "histogram": [[0] * atlas.HISTOGRAM_BINS] * count})
-    atlas.write_table(atlas.analysis_url(str(run_folder), "planted"), "features", table)
+    atlas.write_table(Run(str(run_folder)).atlas_url("planted"), "features", table)

@@ -18,14 +18,15 @@ import pytest
 from conftest import sample_texts, write_jsonl
 from transformers import AutoTokenizer
 
-from harvest.cli import main as cli_main
-from harvest.config import ConfigError, CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.corpus import CorpusError
-from harvest.hooks import HookError
-from harvest.model import ModelError, load_model
-from harvest.pool import run_harvest
-from harvest.storage import StorageError
-from harvest.store import ActivationStore, StoreError, StoreMismatchError
+from lexica.cli import main as lexica_main
+from lexica.config import ConfigError
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.corpus import CorpusError
+from lexica.harvest.pool import run_harvest
+from lexica.hooks import HookError
+from lexica.models import ModelConfig, ModelError, load_model
+from lexica.storage import StorageError
+from lexica.store import ActivationStore, StoreError, StoreMismatchError
 
 CONTEXT = 16
 HOOK = "resid_post.2"
@@ -319,7 +320,7 @@ def test_existing_store_with_other_configuration_is_kept_unless_overwrite(tmp_pa
     assert commit_records(first.store_url) == commits_before
     assert run_yaml.read_bytes() == run_yaml_before
 
-    # Another hook is another store (one per hook point, DESIGN §3): it sits beside the first.
+    # Another hook is another store (one per hook point, docs/architecture.md): it sits beside the first.
     other_hook = run_harvest(make_config(tmp_path, tiny_models["llama"], [corpus], hook="mlp_out.1"))
     assert other_hook.store_url != first.store_url
     assert snapshot(store_folder) == before
@@ -401,7 +402,7 @@ def test_part_damaged_in_place_fails_the_checksum_and_reading(tmp_path, llama):
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "harvest", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lexica", "harvest", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -417,13 +418,13 @@ def assert_one_line_error(stderr: str, *fragments: str) -> str:
 
 def test_cli_missing_model_exits_2_with_one_line(tmp_path):
     corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(3))
-    result = run_cli(["--model", "DOES_NOT_EXIST", "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+    result = run_cli(["--model", "DOES_NOT_EXIST", "--corpus", str(corpus), "--run", str(tmp_path / "run"),
                       "--actors", "0"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result.stderr, "DOES_NOT_EXIST")
     assert result.stdout == ""
     local = tmp_path / "models" / "missing"
-    result = run_cli(["--model", str(local), "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+    result = run_cli(["--model", str(local), "--corpus", str(corpus), "--run", str(tmp_path / "run"),
                       "--actors", "0"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result.stderr, f"model path {local} does not exist")
@@ -443,7 +444,7 @@ VALID_KEYS_FRAGMENT = "valid keys: ["
 ])
 def test_cli_bad_set_names_the_key(tmp_path, llama, capsys, assignment, fragments):
     corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(3))
-    code = cli_main(["--model", str(llama), "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+    code = lexica_main(["harvest", "--model", str(llama), "--corpus", str(corpus), "--run", str(tmp_path / "run"),
                      "--context-length", "16", "--set", assignment])
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, *fragments)
@@ -452,8 +453,8 @@ def test_cli_bad_set_names_the_key(tmp_path, llama, capsys, assignment, fragment
 
 def test_cli_bad_flag_value_and_config_file(tmp_path, llama, capsys):
     corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(3))
-    common = ["--model", str(llama), "--corpus", str(corpus), "--out", str(tmp_path / "run")]
-    assert cli_main([*common, "--docs-per-shard", "many"]) == 2
+    common = ["--model", str(llama), "--corpus", str(corpus), "--run", str(tmp_path / "run")]
+    assert lexica_main(["harvest", *common, "--docs-per-shard", "many"]) == 2
     assert_one_line_error(capsys.readouterr().err, "corpus.docs_per_shard = 'many' is invalid; expected an integer")
     # The same check guards configs built in Python, where a wrong type used to surface as a
     # TypeError from a comparison inside validate().
@@ -465,22 +466,22 @@ def test_cli_bad_flag_value_and_config_file(tmp_path, llama, capsys):
         HarvestConfig(model=ModelConfig(path=str(llama), revision=123), corpus=CorpusConfig(paths=[str(corpus)]),
                       ).validate()
     missing = tmp_path / "missing.yaml"
-    assert cli_main([*common, "--config", str(missing)]) == 2
+    assert lexica_main(["harvest", *common, "--config", str(missing)]) == 2
     assert_one_line_error(capsys.readouterr().err, f"config file {missing} does not exist")
     broken = tmp_path / "broken.yaml"
     broken.write_text("harvest: {context_length: [16\n")
-    assert cli_main([*common, "--config", str(broken)]) == 2
+    assert lexica_main(["harvest", *common, "--config", str(broken)]) == 2
     assert_one_line_error(capsys.readouterr().err, f"config file {broken} is not valid YAML")
 
 
 def test_cli_verify_reports_damage(tmp_path, llama, capsys):
     corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(4, seed=11))
     summary = run_harvest(make_config(tmp_path, llama, [corpus]))
-    assert cli_main(["verify", summary.store_url]) == 0
+    assert lexica_main(["verify", summary.store_url]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
     commit = ActivationStore(summary.store_url).commits()[0]
     (Path(summary.store_url) / "parts" / commit.part).write_bytes(b"")
-    assert cli_main(["verify", summary.store_url]) == 2
+    assert lexica_main(["verify", summary.store_url]) == 2
     assert_one_line_error(capsys.readouterr().err, f"shard 0: part {commit.part} is 0 bytes")
-    assert cli_main(["verify", str(tmp_path / "nowhere")]) == 2
+    assert lexica_main(["verify", str(tmp_path / "nowhere")]) == 2
     assert_one_line_error(capsys.readouterr().err, "is not an activation store (no manifest.json)")

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import sample_texts, write_jsonl
 
-from harvest.config import CorpusConfig
-from harvest.corpus import plan_shards, read_shard
+from lexica.harvest.config import CorpusConfig
+from lexica.harvest.corpus import plan_shards, read_shard
 
 
 def all_documents(config: CorpusConfig) -> list[tuple[int, str]]:

@@ -7,7 +7,7 @@ environment of its processes and of the clients): it listens on loopback alone a
 this module. Teardown kills exactly the processes the test started (each node's process group
 and their descendants), never ``ray stop``, which would stop every Ray on the host.
 
-Node IPs are 127.0.0.2: Ray rewrites 127.0.0.1 to the host's external address (DESIGN §10).
+Node IPs are 127.0.0.2: Ray rewrites 127.0.0.1 to the host's external address (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import pytest
 import yaml
 from conftest import free_port, sample_texts, write_jsonl
 
-from deploy import submit as jobs
-from harvest.store import ActivationStore
+from lexica.deploy import submit as jobs
+from lexica.store import ActivationStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -226,7 +226,7 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
 
 def submit_cli(cluster: LoopbackCluster, *arguments: str, env: dict | None = None,
                timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.submit", *arguments], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "lexica", "submit", *arguments], cwd=REPO_ROOT,
                           env=env or cluster.env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -353,23 +353,25 @@ def test_stop_ends_a_running_job(cluster, tiny_models, corpus, tmp_path):
 
 
 def test_pipeline_stops_at_the_first_failing_stage_with_its_exit_code(tmp_path, capsys):
-    from deploy.pipeline import main
+    from lexica.cli import main as lexica_main
 
     config = tmp_path / "broken.yaml"
     config.write_text(yaml.safe_dump({"run": str(tmp_path / "run"), "harvest": {
         "model": {"path": str(tmp_path / "no-such-model")}, "corpus": {"paths": [str(tmp_path / "none.jsonl")]}}}))
-    assert main(["--config", str(config), "--stages", "train,harvest"]) == 2  # harvest's "bad input" code
+    # harvest's "bad input" code
+    assert lexica_main(["pipeline", "--config", str(config), "--stages", "train,harvest"]) == 2
     output = capsys.readouterr().out
     assert "stage 1/2: harvest" in output and "stage harvest FAILED with exit code 2" in output
     assert "stage 2/2" not in output and re.search(r"train\s+not run", output)
 
 
 def test_pipeline_in_a_job_refuses_a_relative_run_folder(tmp_path, monkeypatch, capsys):
-    from deploy.pipeline import CONFIG_TEXT_ENV, RAY_JOB_ENV, main
+    from lexica.cli import main as lexica_main
+    from lexica.deploy.pipeline import CONFIG_TEXT_ENV, RAY_JOB_ENV
 
     monkeypatch.setenv(RAY_JOB_ENV, "{}")  # what Ray sets for a submitted job's driver
     monkeypatch.setenv(CONFIG_TEXT_ENV, yaml.safe_dump({"run": "./runs/demo"}))
-    assert main(["--stages", "harvest"]) == 2
+    assert lexica_main(["pipeline", "--stages", "harvest"]) == 2
     assert "run './runs/demo' is a relative path" in capsys.readouterr().err
-    assert main(["--stages", "harvest", "--set-run", "runs/x", "--config", "/no/such.yaml"]) == 2
+    assert lexica_main(["pipeline", "--stages", "harvest", "--set-run", "runs/x", "--config", "/no/such.yaml"]) == 2
     assert "config file /no/such.yaml does not exist" in capsys.readouterr().err

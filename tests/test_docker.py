@@ -286,17 +286,17 @@ def cpu_image(tmp_path_factory) -> StagedImage:
 
 def test_stages_start_from_the_installed_package(cpu_image):
     for stage in STAGES:
-        help_text = run_in(cpu_image, "python", "-m", stage, "--help").stdout
-        assert "usage" in help_text.lower(), f"python -m {stage} --help printed:\n{help_text}"
-    located = run_in(cpu_image, "python", "-c", "import harvest, train, analysis, deploy; "
-                     "print(harvest.__file__, train.__file__, analysis.__file__, deploy.__file__)",
+        help_text = run_in(cpu_image, "lexica", stage, "--help").stdout
+        assert "usage" in help_text.lower(), f"lexica {stage} --help printed:\n{help_text}"
+    located = run_in(cpu_image, "python", "-c", "import lexica.harvest as h, lexica.train as t, lexica.analysis as a, "
+                     "lexica.deploy as d; print(h.__file__, t.__file__, a.__file__, d.__file__)",
                      check=False)
-    # A RayJob's entrypoint is `python -m deploy.pipeline` on the head, outside any checkout.
+    # A RayJob's entrypoint is `lexica pipeline` on the head, outside any checkout.
     assert located.returncode == 0, f"a package is not installed (pyproject's [tool.setuptools] packages?):\n" \
                                     f"{located.stderr}"
     for module_file in located.stdout.split():
         assert Path(module_file).is_relative_to(cpu_image.venv), f"{module_file} is not the installed copy"
-    pipeline_help = run_in(cpu_image, "python", "-m", "deploy.pipeline", "--help").stdout
+    pipeline_help = run_in(cpu_image, "lexica", "pipeline", "--help").stdout
     assert "--config" in pipeline_help
 
 
@@ -305,7 +305,7 @@ def test_installed_package_ships_and_builds_the_native_kernel(cpu_image, tmp_pat
     (into a fresh cache here, so the checkout's build cannot stand in for it)."""
     require_c_compiler()
     env = dict(cpu_image.env, LEXICA_NATIVE_CACHE=str(tmp_path))
-    result = subprocess.run(["python", "-c", "from train import native; print(native.load('topk_rows')._name)"],
+    result = subprocess.run(["python", "-c", "from lexica.train import native; print(native.load('topk_rows')._name)"],
                             cwd=cpu_image.workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).parent == tmp_path

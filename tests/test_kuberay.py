@@ -22,9 +22,10 @@ import jsonschema
 import pytest
 import yaml
 
-from analysis.config import AnalysisConfig
-from harvest.config import from_dict, harvest_config_from_file, stage_section
-from train.config import TrainConfig
+from lexica.analysis.config import AnalysisConfig
+from lexica.config import from_dict, stage_section
+from lexica.harvest.config import harvest_config_from_file
+from lexica.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY_DIR = ROOT / "deploy" / "kuberay"
@@ -511,7 +512,7 @@ def test_pipeline_config_loads_with_lexicas_own_loaders(tmp_path):
 
 def test_entrypoint_reads_the_mounted_config():
     job = one("RayJob")["spec"]
-    assert job["entrypoint"].startswith("python -m deploy.pipeline --config ")
+    assert job["entrypoint"].startswith("lexica pipeline --config ")
     config_path = job["entrypoint"].split("--config ", 1)[1].split()[0]
     configmap = one("ConfigMap")
     for where, spec in cluster_specs():

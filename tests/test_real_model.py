@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig
+from lexica.store import ActivationStore
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MODEL = ASSETS / "models" / "smollm2-135m-instruct"

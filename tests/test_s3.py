@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 from conftest import sample_texts, write_jsonl
 
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore, identity
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig
+from lexica.store import ActivationStore, identity
 
 
 def harvest_to(run_url: str, storage_options: dict, model_folder, corpus) -> ActivationStore:

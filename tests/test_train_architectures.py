@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.architectures import build
+from lexica.train.architectures import build
 
 
 def double_dictionary(architecture: str, seed: int = 0, **options) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    dictionary = build(architecture, d_in=16, d_sae=64, k=6, seed=seed, **options).double()
+    dictionary = build(architecture, d_in=16, d_sae=64, k=6, seed=seed, options=options).double()
     x = torch.randn(48, 16, dtype=torch.float64) * 2 + 0.5
     dictionary.initialise_from(x)
     with torch.no_grad():

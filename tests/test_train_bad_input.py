@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
-from harvest.storage import StorageError
-from harvest.store import StoreError
-from train.config import TrainConfig
-from train.loop import fit
+from lexica.storage import StorageError
+from lexica.store import StoreError
+from lexica.train.config import TrainConfig
+from lexica.train.fit import fit
 
 
 def small_config(run: Path, store: str, **overrides) -> TrainConfig:
@@ -80,7 +80,7 @@ def test_unwritable_run_url_is_named_before_training(tmp_path, store):
 
 
 def test_unknown_or_missing_tracker_is_named_before_training(tmp_path, store):
-    from harvest.config import ConfigError
+    from lexica.config import ConfigError
 
     _, url = store
     with pytest.raises(ConfigError, match="unknown tracker 'tensorboardx'; available: mlflow"):

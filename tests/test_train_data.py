@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_train_topk import write_synthetic_store
 
-from harvest.store import ActivationStore, StoreError
-from train.data import shuffled_batches
+from lexica.store import ActivationStore, StoreError
+from lexica.train.data import shuffled_batches
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_one_non_finite_activation_is_caught_with_its_shard(tmp_path, bad):
 def test_prefetcher_yields_the_same_batches_then_the_source_error():
     import sys
 
-    from train.data import SWITCH_INTERVAL_SECONDS, Prefetcher
+    from lexica.train.data import SWITCH_INTERVAL_SECONDS, Prefetcher
 
     previous = sys.getswitchinterval()
     try:

@@ -10,13 +10,14 @@ import torch
 from conftest import sample_texts, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from harvest.config import CorpusConfig, HarvestConfig, ModelConfig, WorkersConfig
-from harvest.pool import run_harvest
-from harvest.store import ActivationStore
-from train.architectures import build
-from train.config import TrainConfig
-from train.evaluate import evaluate_dictionary
-from train.loop import fit
+from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
+from lexica.harvest.pool import run_harvest
+from lexica.models import ModelConfig
+from lexica.store import ActivationStore
+from lexica.train.architectures import build
+from lexica.train.config import TrainConfig
+from lexica.train.evaluate import evaluate_dictionary
+from lexica.train.fit import fit
 
 CONTEXT, D_MODEL = 32, 64
 
@@ -117,7 +118,7 @@ def test_training_on_a_harvested_store_reports_evaluation_density_and_plot(harve
 
 def evaluation_l0(store: ActivationStore, summary: dict) -> float:
     """Mean active latents per token over the store sample: the densities' sum, independently."""
-    from train.export import load_dictionary
+    from lexica.train.export import load_dictionary
 
     exported = load_dictionary(summary["folder"] + "/final")
     vectors = torch.cat([batch.activation.float() for batch in store.iter_batches(batch_rows=4096)])[:65536]

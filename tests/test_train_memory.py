@@ -12,7 +12,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import resource
     import torch
-    from train.memory import retain_freed_memory
+    from lexica.train.memory import retain_freed_memory
 
     def faults(cycles=10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

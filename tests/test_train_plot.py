@@ -1,4 +1,4 @@
-"""``python -m train plot`` turns a dictionary folder's metrics into a PNG, locally and on S3, and
+"""``lexica plot`` turns a dictionary folder's metrics into a PNG, locally and on S3, and
 names the file (and line) when the metrics cannot be read."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import s3fs
 from matplotlib.image import imread
 
-from train.cli import main
-from train.plot import plot_training
+from lexica.cli import main
+from lexica.train.plot import plot_training
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
-from train.config import TrainConfig
-from train.loop import fit
+from lexica.train.config import TrainConfig
+from lexica.train.fit import fit
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url,
     tokens = 80_000  # 156 steps: long enough to kill part-way
     reference = fit(config_for(str(tmp_path / "reference"), store_url, workers=1, tokens=tokens, checkpoint_every=40))
     run = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "train", "--store", store_url, "--out", run, "--width", "4x", "--k", "8",
+    command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
                "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--set", "buffer_rows=4096",
                "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1", "--set", "eval_tokens=0"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

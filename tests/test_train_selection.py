@@ -10,8 +10,8 @@ import pytest
 import torch
 from native_builds import portable_build, require_c_compiler
 
-from train import native
-from train.selection import (
+from lexica.train import native
+from lexica.train.selection import (
     Selection,
     group_size,
     grouped_topk_rows,
@@ -158,7 +158,7 @@ def test_without_a_compiler_or_when_disabled_the_pytorch_path_serves(tmp_path, m
     monkeypatch.setenv("CC", "no-such-compiler-lexica")
     native.load.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="train.native"):
+        with caplog.at_level(logging.WARNING, logger="lexica.train.native"):
             assert native.load("topk_rows") is None
         assert "no C compiler found" in caplog.text and "PyTorch path" in caplog.text
         monkeypatch.delenv("CC")

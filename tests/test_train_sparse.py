@@ -6,8 +6,8 @@ import pytest
 import torch
 from native_builds import portable_build, require_c_compiler
 
-from train import native, sparse
-from train.sparse import (
+from lexica.train import native, sparse
+from lexica.train.sparse import (
     decode_backward_kernel,
     fixed_k_pattern,
     native_decode_backward,

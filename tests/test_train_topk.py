@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from harvest import storage
-from harvest.store import PartWriter, arrow_schema, encode_activations, merge_statistics, store_url
-from train.architectures import build
-from train.config import TrainConfig
-from train.export import load_dictionary
-from train.loop import FiringTracker, fit, train_step
+from lexica.run import store_url
+from lexica.store import write_store
+from lexica.train.architectures import build
+from lexica.train.config import TrainConfig
+from lexica.train.export import load_dictionary
+from lexica.train.fit import fit
+from lexica.train.step import FiringTracker, train_step
 
 D_IN, TRUE_LATENTS, ACTIVE = 64, 512, 5
 
@@ -54,7 +53,7 @@ def test_recovers_a_known_sparse_dictionary(architecture):
     # vectors in 64 dimensions reach ~0.4 against 1024 candidates.
     options, steps, lr, fvu_bar = RECOVERY[architecture]
     truth, generator = ground_truth(), torch.Generator().manual_seed(1)
-    dictionary = build(architecture, d_in=D_IN, d_sae=1024, k=8, seed=0, **options)
+    dictionary = build(architecture, d_in=D_IN, d_sae=1024, k=8, seed=0, options=options)
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr)
     dictionary.initialise_from(synthetic(4096, truth, generator))
     tracker = FiringTracker.create(1024, "cpu")
@@ -71,25 +70,8 @@ def test_recovers_a_known_sparse_dictionary(architecture):
 
 def write_synthetic_store(run_url: str, vectors: torch.Tensor, shards: int, hook: str = "resid_post.0") -> str:
     """A complete activation store holding ``vectors`` (what a harvest would have written)."""
-    url = store_url(run_url, hook)
-    fs, root = storage.url_to_fs(url)
-    schema = arrow_schema(vectors.shape[1], "float16", hook)
-    commits = []
-    for shard, rows in enumerate(vectors.half().chunk(shards)):
-        writer = PartWriter(url, shard, schema)
-        doc_ids = np.arange(len(rows), dtype=np.int64) // 16 + shard * 1000
-        writer.statistics.add(rows)
-        writer.put(pa.table({"doc_id": doc_ids, "position": (np.arange(len(rows)) % 16).astype(np.int32),
-                             "token_id": np.zeros(len(rows), dtype=np.int32), "activation": encode_activations(rows)},
-                            schema=schema))
-        commits.append(writer.commit(documents=len(rows) // 16, empty_documents=0, invalid_utf8_documents=[],
-                                     windows=len(rows) // 16, doc_id_min=int(doc_ids[0]), doc_id_max=int(doc_ids[-1]),
-                                     seconds=0.0))
-    manifest = {"format": "lexica.activations", "format_version": 1, "hook": hook, "d_model": vectors.shape[1],
-                "dtype": "float16", "model": {"id": "synthetic"}, "complete": True,
-                "statistics": merge_statistics(commits)}
-    storage.write_json(fs, storage.join(root, "manifest.json"), manifest)
-    return url
+    return write_store(store_url(run_url, hook), vectors, hook, shards=shards, tokens_per_document=16,
+                       model={"id": "synthetic"})
 
 
 @pytest.mark.parametrize("architecture", sorted(RECOVERY))
@@ -120,8 +102,8 @@ def test_fit_from_a_store_exports_weights_that_take_raw_activations(tmp_path, ar
 
 
 def test_bad_training_input_gets_clear_errors(tmp_path):
-    from harvest.config import ConfigError
-    from harvest.store import StoreError
+    from lexica.config import ConfigError
+    from lexica.store import StoreError
 
     truth, generator = ground_truth(), torch.Generator().manual_seed(3)
     vectors = synthetic(3000, truth, generator)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
-from train.config import TrainConfig
-from train.loop import fit
+from lexica.train.config import TrainConfig
+from lexica.train.fit import fit
 
 
 def test_metrics_reach_an_mlflow_run(tmp_path, monkeypatch):

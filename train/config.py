@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
-from harvest.config import ConfigError, knob
+from lexica import storage
+from lexica.config import ConfigError, knob
+from lexica.run import ACTIVATIONS, Run, run_holding
 
 
 @dataclass
 class TrainConfig:
-    run: str = knob("./runs/demo", "run folder URL; the dictionary goes to <run>/dictionaries/<name>/")
+    run: str | None = knob(None, "run folder URL; the dictionary goes to <run>/dictionaries/<name>/ (default: the run "
+                                 "that holds store)")
     store: str | None = knob(None, "activation store URL (default: <run>/activations/<hook>)")
     hook: str | None = knob(None, "hook whose store to train on when store is not given, e.g. resid_post.15")
     name: str | None = knob(None, "dictionary name (default: <architecture>-<hook>-<width>-k<k>)")
@@ -42,7 +46,7 @@ class TrainConfig:
     tracking_uri: str | None = knob(None, "MLflow tracking URI (default: the driver's MLFLOW_TRACKING_URI)")
     experiment: str = knob("lexica", "MLflow experiment / W&B project name")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
-    extra: dict = field(default_factory=dict, metadata={"help": "architecture-specific options"})
+    extra: dict = knob({}, "the architecture's own options (see 'Architecture options' below), e.g. {aux_k: 256}")
 
     def latents(self, d_model: int) -> int:
         text = str(self.width).strip()
@@ -69,4 +73,29 @@ class TrainConfig:
                               f"({self.batch_size})")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction = {self.lr_decay_fraction} is invalid; expected 0..1")
+        from lexica.train.architectures import architecture_options
+
+        architecture_options(self.architecture, self.extra)  # unknown, mistyped or out-of-range options
         return self
+
+
+def resolve_sources(config: TrainConfig) -> TrainConfig:
+    """``config`` with its run folder (as given, else the run that holds its store) and, when it
+    names no store, a hook (as given, else the one the run's harvest recorded)."""
+    config = with_run(config)
+    if not config.store and not config.hook:
+        config = dataclasses.replace(config, hook=Run(config.run, config.storage_options).harvested_hook())
+    return config
+
+
+def with_run(config: TrainConfig) -> TrainConfig:
+    """``config`` with its run folder: as given, else the run that holds its store."""
+    if config.run:
+        return config
+    if not config.store:
+        raise ConfigError("give --run RUN (the run whose store to train on) or --store STORE_URL")
+    run = run_holding(storage.absolute_url(config.store))
+    if run is None:
+        raise ConfigError(f"store {config.store} is not inside a run folder (<run>/{ACTIVATIONS}/<hook>); "
+                          "give --run for the dictionary")
+    return dataclasses.replace(config, run=run)

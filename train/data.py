@@ -16,11 +16,12 @@ from collections.abc import Iterator
 
 import torch
 
-from harvest.store import ActivationStore, StoreError
+from lexica.errors import ConfigError
+from lexica.store import ActivationStore, StoreError
 
 
 def normalisation_scale(store: ActivationStore) -> float:
-    """Scalar s with E‖s·x‖ = √d_model, from the store's statistics (DESIGN.md §6)."""
+    """Scalar s with E‖s·x‖ = √d_model, from the store's statistics (docs/architecture.md)."""
     statistics = store.statistics
     if not store.complete or not statistics or not statistics.get("mean_norm"):
         raise StoreError(f"store {store.url} is not complete (no merged statistics); finish the harvest first")
@@ -77,7 +78,7 @@ def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, 
     together. ``skip_batches`` resumes the same sequence part-way.
     """
     if batch_size % lanes:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of the {lanes} data lanes")
+        raise ConfigError(f"batch_size {batch_size} is not a multiple of the {lanes} data lanes")
     commits = _lane_commits(store, lanes)
     streams = [_lane_batches(store, commits, batch_size // lanes, max(1, buffer_rows // lanes), seed, lane, lanes)
                for lane in (range(lanes) if lane_ids is None else lane_ids)]

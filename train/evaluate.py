@@ -21,10 +21,11 @@ import math
 
 import torch
 
-from harvest.config import CorpusConfig, ModelConfig
-from harvest.corpus import plan_shards, read_shard
-from harvest.hooks import first_tensor, hook_module, parse_hook
-from harvest.packing import split_windows, tokenize
+from lexica.harvest.config import CorpusConfig
+from lexica.harvest.corpus import plan_shards, read_shard
+from lexica.harvest.packing import split_windows, tokenize
+from lexica.hooks import first_tensor, hook_module, parse_hook
+from lexica.models import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int
     """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation folded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harvest.model import resolve_device
+    from lexica.models import resolve_device
 
     model_facts = manifest["model"]
     model_config = ModelConfig(path=model_facts["id"], revision=model_facts.get("revision"))

@@ -4,12 +4,19 @@ loading back (safetensors only: never unpickle a dictionary)."""
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from harvest import storage
-from train.architectures import build
+from lexica import storage
+from lexica.errors import LexicaError
+from lexica.run import EXPORTED_AT_KEY, export_timestamp
+from lexica.train.architectures import build
 
 SAELENS_NAMES = {"standard": "relu"}  # SAELens architecture names that differ from ours
+
+
+class DictionaryError(LexicaError, ValueError):
+    """An exported dictionary's files are missing, damaged or do not fit together."""
 
 
 def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
@@ -33,7 +40,7 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         **dictionary.export_config(),
-        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale,
+        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale, EXPORTED_AT_KEY: export_timestamp(),
                      "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None)},
     }
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
@@ -45,8 +52,14 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     """A dictionary from an exported folder; it takes raw activations (normalisation folded)."""
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     config = storage.read_json(fs, storage.join(folder, "cfg.json"))
+    weights_url = storage.join(folder_url, "sae_weights.safetensors")
     with fs.open(storage.join(folder, "sae_weights.safetensors"), "rb") as handle:
-        weights = load(handle.read())
+        data = handle.read()
+    try:
+        weights = load(data)
+    except SafetensorError as error:
+        raise DictionaryError(f"{weights_url} is damaged or truncated ({len(data):,} bytes: {error}); "
+                              "re-export the dictionary (re-run lexica train) or copy it again") from error
     metadata = config.get("metadata", {})
     saelens_name = config["architecture"]
     architecture = metadata.get("lexica_architecture", SAELENS_NAMES.get(saelens_name, saelens_name))

@@ -12,8 +12,10 @@ import tempfile
 
 import torch
 
-from harvest import storage
-from train.loop import MetricsLog, TrainingPlan, train_worker
+from lexica import storage
+from lexica.train.metrics import MetricsLog
+from lexica.train.plan import TrainingPlan, new_dictionary
+from lexica.train.worker import train_worker
 
 STATE_FILE = "state.pt"
 
@@ -61,7 +63,7 @@ def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from harvest.cluster import ensure_ray, wants_gpus
+    from lexica.cluster import ensure_ray, wants_gpus
 
     ensure_ray()
     use_gpu = wants_gpus(plan.config.device, needed=plan.config.workers)
@@ -78,7 +80,6 @@ def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
         raise result.error
     with result.checkpoint.as_directory() as checkpoint_folder:
         state = torch.load(os.path.join(checkpoint_folder, STATE_FILE), map_location="cpu", weights_only=True)
-    from train.loop import new_dictionary
 
     dictionary = new_dictionary(plan, "cpu")
     dictionary.load_state_dict(state["dictionary"])

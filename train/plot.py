@@ -1,4 +1,4 @@
-"""``python -m train plot FOLDER``: draw a dictionary's training curves and feature-density histogram to a PNG.
+"""``lexica plot FOLDER``: draw a dictionary's training curves and feature-density histogram to a PNG.
 
 Reads ``metrics.jsonl`` (one JSON object per logged step) and, when the loop wrote it,
 ``feature_density.json`` (each latent's firing frequency, measured on a store sample after training).
@@ -10,12 +10,12 @@ import argparse
 import io
 import json
 import math
-import sys
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from harvest import storage
+from lexica import storage
+from lexica.errors import LexicaError
 
 # Each panel: title, the metric keys it draws, whether its y axis is logarithmic. Every numeric key
 # not named here is taken for a loss term, so a new architecture's terms appear without edits.
@@ -29,7 +29,7 @@ AXIS_KEYS = {"step", "tokens"}
 DENSE_FREQUENCY = 0.1  # the loop counts a latent as dense above this firing frequency
 
 
-class PlotError(ValueError):
+class PlotError(LexicaError, ValueError):
     """The dictionary folder's metrics cannot be read."""
 
 
@@ -144,15 +144,10 @@ def plot_training(folder_url: str, out_url: str | None = None, storage_options: 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train plot",
+    parser = argparse.ArgumentParser(prog="lexica plot",
                                      description="Draw a dictionary's training curves and feature density.")
     parser.add_argument("folder", metavar="DICTIONARY_FOLDER_URL", help="<run>/dictionaries/<name> (local or s3://)")
     parser.add_argument("--out", help="PNG to write (default: <folder>/training.png)")
     args = parser.parse_args(argv)
-    try:
-        out_url = plot_training(args.folder, args.out)
-    except (PlotError, storage.StorageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(out_url)
+    print(plot_training(args.folder, args.out))
     return 0

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from train import native
+from lexica.train import native
 
 SMALLEST_GROUP = 8  # below this the two small top-k's cost more than the full one saves
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from train import native
+from lexica.train import native
 
 # sampled_addmm takes its pattern as a CSR tensor; the product is tested against dense autograd.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")

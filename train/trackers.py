@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from harvest.config import ConfigError
+from lexica.config import ConfigError
 
 log = logging.getLogger(__name__)
 KNOWN = ("mlflow", "wandb")

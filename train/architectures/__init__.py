@@ -14,24 +14,62 @@ Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, 
 - ``after_step()``: constraints applied after the optimiser step (e.g. unit-norm decoder);
 - ``export_config() -> dict``: the architecture's SAELens ``cfg.json`` fields;
 - ``export_extra() -> dict[str, Tensor]``: weights beyond the four above (e.g. ``threshold``).
+
+An architecture declares its own options (``train.extra``) as a dataclass of knobs passed to
+``register``; they are type- and range-checked with the rest of the config, before anything is
+written, and docs/configuration.md lists them from that one source.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import torch
+
+from lexica.config import from_dict
+from lexica.errors import ConfigError
 
 ARCHITECTURES: dict[str, type] = {}
 
 
-def register(name: str):
+@dataclasses.dataclass
+class NoOptions:
+    """An architecture without options of its own."""
+
+
+def register(name: str, options: type = NoOptions):
+    """Class decorator: the architecture ``name`` with its options dataclass (knobs with help)."""
     def decorate(cls: type) -> type:
         ARCHITECTURES[name] = cls
         cls.architecture = name
+        cls.Options = options
         return cls
 
     return decorate
+
+
+def check_ranges(checks: list[tuple[bool, str, Any, str]], architecture: str) -> None:
+    """Refuse the first failed (ok, option, value, expected) check, naming the option."""
+    for ok, option, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"train.extra.{option} = {value!r} is invalid for {architecture}; expected {expected}")
+
+
+def architecture_class(name: str) -> type:
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; available: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def architecture_options(name: str, values: dict | None) -> Any:
+    """``train.extra`` as the architecture's typed options: unknown keys, wrong types and values
+    out of range are refused with the valid options named."""
+    options_class = architecture_class(name).Options
+    options = from_dict(options_class, values or {}, f"train.extra (options of {name})")
+    if hasattr(options, "validate"):
+        options.validate()
+    return options
 
 
 class SparseCode(NamedTuple):
@@ -48,11 +86,13 @@ class TrainOutput(NamedTuple):
     fired: torch.Tensor  # [d_sae] tokens of this batch each latent fired on
 
 
-def build(name: str, **kwargs) -> torch.nn.Module:
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; available: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[name](**kwargs)
+def build(name: str, d_in: int, d_sae: int, k: int = 1, aux_coefficient: float = 1 / 32, seed: int = 0,
+          options: dict | None = None) -> torch.nn.Module:
+    """A new dictionary of architecture ``name``; ``options`` are its own (``train.extra``), validated."""
+    typed = architecture_options(name, options)
+    return architecture_class(name)(d_in=d_in, d_sae=d_sae, k=k, aux_coefficient=aux_coefficient, seed=seed,
+                                    **dataclasses.asdict(typed))
 
 
 # Each module registers itself on import.
-from train.architectures import batchtopk, jumprelu, relu, topk  # noqa: E402,F401
+from lexica.train.architectures import batchtopk, jumprelu, relu, topk  # noqa: E402,F401

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from train.architectures import SparseCode, TrainOutput, register
-from train.architectures.parts import padded_code, threshold_code
-from train.architectures.topk import TopK
-from train.sparse import select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.architectures import SparseCode, TrainOutput, register
+from lexica.train.architectures.parts import padded_code, threshold_code
+from lexica.train.architectures.topk import TopK, TopKOptions
+from lexica.train.sparse import select_with_sparse_grad, sparse_decode, sparse_pattern
 
 THRESHOLD_MOMENTUM = 0.99
 
 
-@register("batchtopk")
+@register("batchtopk", TopKOptions)
 class BatchTopK(TopK):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
                  seed: int = 0):

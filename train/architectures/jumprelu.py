@@ -9,11 +9,14 @@ sparsity is exploited as in TopK: the dense encoder matmul is the only dense wor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from train.architectures import SparseCode, TrainOutput, register
-from train.architectures.parts import (
+from lexica.config import knob
+from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
+from lexica.train.architectures.parts import (
     firing_counts,
     linear_warmup,
     padded_code,
@@ -21,10 +24,28 @@ from train.architectures.parts import (
     threshold_code,
     tied_init,
 )
-from train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
 
-@register("jumprelu")
+@dataclass
+class JumpReLUOptions:
+    l0_coefficient: float = knob(2e-3, "L0 penalty weight, in units of the per-token variance (0.002 trades one "
+                                       "active latent for 0.2% of the variance)")
+    bandwidth: float = knob(0.05, "width of the straight-through estimators' kernel around each threshold")
+    sparsity_warmup: float = knob(0.05, "fraction of training over which the L0 coefficient ramps up from 0")
+    initial_density: float = knob(0.03, "each threshold starts where its latent fires on this fraction of the "
+                                        "first batch")
+    init_norm: float = knob(0.1, "initial norm of each decoder row")
+
+    def validate(self) -> None:
+        check_ranges([(self.l0_coefficient >= 0, "l0_coefficient", self.l0_coefficient, ">= 0"),
+                      (self.bandwidth > 0, "bandwidth", self.bandwidth, "> 0"),
+                      (0 <= self.sparsity_warmup <= 1, "sparsity_warmup", self.sparsity_warmup, "0..1"),
+                      (0 < self.initial_density < 1, "initial_density", self.initial_density, "between 0 and 1"),
+                      (self.init_norm > 0, "init_norm", self.init_norm, "> 0")], "jumprelu")
+
+
+@register("jumprelu", JumpReLUOptions)
 class JumpReLU(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int = 1, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
                  sparsity_warmup: float = 0.05, initial_density: float = 0.03, init_norm: float = 0.1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.architectures import SparseCode
+from lexica.train.architectures import SparseCode
 
 
 def tied_init(d_in: int, d_sae: int, seed: int, row_norm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

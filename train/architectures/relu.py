@@ -9,11 +9,14 @@ Early in training most latents fire, and dense autograd is fastest; once fewer t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from train.architectures import SparseCode, TrainOutput, register
-from train.architectures.parts import (
+from lexica.config import knob
+from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
+from lexica.train.architectures.parts import (
     batch_variance,
     linear_warmup,
     padded_code,
@@ -21,12 +24,24 @@ from train.architectures.parts import (
     threshold_code,
     tied_init,
 )
-from train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
 SPARSE_BELOW = 0.05  # active fraction under which the sparse kernels beat dense matmuls
 
 
-@register("relu")
+@dataclass
+class ReLUOptions:
+    l1_coefficient: float = knob(5.0, "L1 penalty weight, in units of the per-token variance (Anthropic's lambda)")
+    sparsity_warmup: float = knob(0.05, "fraction of training over which the L1 coefficient ramps up from 0")
+    init_norm: float = knob(0.1, "initial norm of each decoder row")
+
+    def validate(self) -> None:
+        check_ranges([(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0"),
+                      (0 <= self.sparsity_warmup <= 1, "sparsity_warmup", self.sparsity_warmup, "0..1"),
+                      (self.init_norm > 0, "init_norm", self.init_norm, "> 0")], "relu")
+
+
+@register("relu", ReLUOptions)
 class ReLU(nn.Module):
     def __init__(self, d_in: int, d_sae: int, l1_coefficient: float = 5.0, sparsity_warmup: float = 0.05,
                  init_norm: float = 0.1, seed: int = 0, **_ignored):

@@ -4,11 +4,15 @@ that lets dead latents model the residual error."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from train.architectures import SparseCode, TrainOutput, register
-from train.architectures.parts import (
+from lexica.config import knob
+from lexica.errors import ConfigError
+from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
+from lexica.train.architectures.parts import (
     firing_counts,
     fraction_of_variance_unexplained,
     normalise_rows,
@@ -17,17 +21,26 @@ from train.architectures.parts import (
     sum_of_squares,
     tied_init,
 )
-from train.selection import topk_rows
-from train.sparse import decode_code, fixed_k_pattern, select_with_sparse_grad, sparse_decode
+from lexica.train.selection import topk_rows
+from lexica.train.sparse import decode_code, fixed_k_pattern, select_with_sparse_grad, sparse_decode
 
 
-@register("topk")
+@dataclass
+class TopKOptions:
+    aux_k: int | None = knob(None, "dead latents the AuxK loss may use per token (default max(k, d_in/2), at most "
+                                   "the width)")
+
+    def validate(self) -> None:
+        check_ranges([(self.aux_k is None or self.aux_k >= 1, "aux_k", self.aux_k, ">= 1 or null")], "topk")
+
+
+@register("topk", TopKOptions)
 class TopK(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
                  seed: int = 0):
         super().__init__()
         if not 0 < k <= d_sae:
-            raise ValueError(f"k = {k} is out of range; expected 1..d_sae ({d_sae})")
+            raise ConfigError(f"k = {k} is out of range; expected 1..d_sae ({d_sae})")
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
         self.aux_k = aux_k if aux_k is not None else min(d_sae, max(k, d_in // 2))
         self.aux_coefficient = aux_coefficient

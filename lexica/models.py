@@ -1,4 +1,9 @@
-"""Loading the model and tokenizer a harvest runs, on the requested device and dtype."""
+"""The one loader of language models and tokenizers, used by every stage.
+
+A model is named by a ``ModelConfig`` (path or hub id, revision, dtype, device); the store's
+manifest records the id, revision and a hash of the model's config, and every later stage loads the
+model through :func:`model_from_manifest` so none of them can drop the recorded revision.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,25 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
-from harvest.config import ModelConfig
+from lexica.config import knob
+from lexica.errors import LexicaError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(LexicaError, ValueError):
     """The model cannot be found or loaded."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("", "local folder or Hugging Face hub id of a transformers causal LM")
+    revision: str | None = knob(None, "hub revision (branch, tag or commit) when path is a hub id")
+    dtype: str = knob("float32", "dtype the model runs in: float32, bfloat16 or float16")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    trust_remote_code: bool = knob(False, "allow model code from the hub (off: safer)")
 
 
 @dataclass
@@ -75,6 +91,9 @@ def _load(config: ModelConfig, what):
     except (OSError, ValueError) as error:  # transformers reports a bad repo id or config as ValueError
         hint = "" if os.path.exists(path) else " (not a local folder, nor a hub id that can be fetched or is cached)"
         raise ModelError(f"cannot load model {config.path!r}{hint}: {error}") from error
+    except SafetensorError as error:  # a truncated weights file: not an OSError, so caught on its own
+        raise ModelError(f"cannot load model {config.path!r}: a weights file in {path} is damaged or truncated "
+                         f"({error}); re-download or re-export it") from error
 
 
 def load_config_and_tokenizer(config: ModelConfig):
@@ -104,3 +123,31 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, config_hash=config_hash(hf_config),
                        model_type=getattr(hf_config, "model_type", type(model).__name__))
+
+
+def load_causal_lm(config: ModelConfig) -> torch.nn.Module:
+    """The whole causal LM (with its LM head: evaluation and steering need logits), eval mode, no
+    gradients, on ``config.device`` in ``config.dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config.device)
+    model = _load(config, lambda path, common: AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[config.dtype], **common))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(config: ModelConfig):
+    return load_config_and_tokenizer(config)[1]
+
+
+def config_from_manifest(manifest: dict, device: str = "auto", dtype: str = "float32",
+                         path: str | None = None) -> ModelConfig:
+    """The model a store was harvested from (id and revision as its manifest records them);
+    ``path`` replaces the id (a local copy of the same model) but keeps the revision out then."""
+    facts = manifest.get("model") or {}
+    model_id = path or facts.get("id")
+    if not model_id:
+        raise ModelError("the store's manifest records no model id; name the model (--model)")
+    revision = None if path else facts.get("revision")
+    # Remote model code is never trusted implicitly, whatever the harvest allowed.
+    return ModelConfig(path=model_id, revision=revision, dtype=dtype, device=device)

@@ -16,8 +16,10 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lexica.errors import LexicaError
 
-class StorageError(OSError):
+
+class StorageError(LexicaError, OSError):
     """A URL cannot be read or written."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lexica.errors import LexicaError
+
 HOOK_KINDS = ("resid_post", "resid_pre", "mlp_out", "attn_out")
 # Where decoder blocks live, by architecture family (checked in order on the loaded module).
 BLOCK_PATHS = ("layers", "h", "model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
@@ -22,7 +24,7 @@ MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
-class HookError(ValueError):
+class HookError(LexicaError, ValueError):
     """An unknown hook point, a layer out of range, or an architecture we cannot resolve."""
 
 

@@ -1,4 +1,4 @@
-"""The activation store (DESIGN.md §4): Parquet parts, commit records and a manifest.
+"""The activation store (docs/store-format.md): Parquet parts, commit records and a manifest.
 
 Writers produce one part per shard, then its commit record; readers list commit records and never
 glob parts, so a half-written or orphaned part from a crashed attempt is invisible to them.
@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
-from harvest import storage
+from lexica import storage
+from lexica.errors import LexicaError
 
 FORMAT_NAME = "lexica.activations"
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ MANIFEST_IDENTITY_KEYS = ("format", "format_version", "hook", "d_model", "dtype"
                           "context_length", "bos", "corpus", "plan_fingerprint")
 
 
-class StoreError(ValueError):
+class StoreError(LexicaError, ValueError):
     """A store is missing, malformed, or a part does not match its commit record."""
 
 
@@ -49,10 +50,6 @@ class ActivationBatch(NamedTuple):
     position: torch.Tensor  # int32 [n]
     token_id: torch.Tensor  # int32 [n]
     activation: torch.Tensor  # float16/bfloat16 [n, d_model]
-
-
-def store_url(run_url: str, hook_name: str) -> str:
-    return storage.join(run_url, "activations", hook_name)
 
 
 def part_name(shard_index: int, attempt: str) -> str:
@@ -391,10 +388,10 @@ class ActivationStore:
             if isinstance(error, pa.ArrowInvalid):
                 # A part truncated after its commit: "Parquet magic bytes not found in footer".
                 raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} is corrupt "
-                                 f"({detail}); `python -m harvest verify {self.url}` checks every part") from error
+                                 f"({detail}); `lexica verify {self.url}` checks every part") from error
             # Arrow reports a damaged page header and a failing disk or network alike as OSError.
             raise StoreError(f"part {commit.part} of shard {commit.shard} in {self.url} cannot be read ({detail}); "
-                             f"if storage is reachable the part is damaged: `python -m harvest verify {self.url}` "
+                             f"if storage is reachable the part is damaged: `lexica verify {self.url}` "
                              "checks every part") from error
 
     def read_part(self, commit: CommitRecord, columns: list[str] | None = None) -> pa.Table:
@@ -463,6 +460,90 @@ class ActivationStore:
         if problems:
             raise StoreError(f"store {self.url} is damaged: " + "; ".join(problems))
         return report
+
+
+# ---------------------------------------------------------------- the manifest (its one writer)
+
+
+def new_manifest(*, hook: str, d_model: int, dtype: str, model: dict, tokenizer: dict, context_length: int,
+                 bos_prepended: bool, corpus: dict, plan: dict, plan_fingerprint: str) -> dict:
+    """A store's manifest before any shard is committed (docs/store-format.md lists each key)."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook, "d_model": d_model, "dtype": dtype,
+        "model": model, "tokenizer": tokenizer, "context_length": context_length,
+        "bos": {"prepend": bos_prepended, "stored": False}, "corpus": corpus,
+        "plan_fingerprint": plan_fingerprint, "plan": plan,
+        "created_at": time.time(), "complete": False, "statistics": None,
+    }
+
+
+def create_or_check_manifest(url: str, wanted: dict, overwrite: bool, storage_options: dict | None = None) -> bool:
+    """Create the store at ``url`` with manifest ``wanted``, or accept an existing store of the same
+    identity (a resume). A different store there is refused, or with ``overwrite`` deleted first.
+    Returns whether an existing store was replaced."""
+    fs, root = storage.url_to_fs(url, storage_options)
+    manifest_path = storage.join(root, "manifest.json")
+    if storage.exists(fs, manifest_path):
+        existing = storage.read_json(fs, manifest_path)
+        if identity(existing) == identity(wanted):
+            return False
+        differences = describe_differences(existing, wanted)
+        if not overwrite:
+            raise StoreMismatchError(
+                f"a store made with a different configuration already exists at {url}: "
+                + "; ".join(differences) + ". Re-run with --overwrite to replace it, or choose another --run.")
+        fs.rm(root, recursive=True)
+        storage.write_json(fs, manifest_path, wanted)
+        return True
+    storage.write_json(fs, manifest_path, wanted)
+    return False
+
+
+def mark_complete(store: ActivationStore, statistics: dict) -> dict:
+    """Record the merged statistics once every planned shard is committed; returns the manifest."""
+    manifest = {**store.manifest, "complete": True, "statistics": statistics}
+    storage.write_json(store.fs, storage.join(store.root, "manifest.json"), manifest)
+    store.manifest = manifest
+    return manifest
+
+
+def write_store(url: str, activations: torch.Tensor, hook: str, *, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, token_ids: torch.Tensor | None = None, shards: int = 1,
+                dtype: str = "float16", model: dict | None = None, tokens_per_document: int = 512,
+                row_group_rows: int = 4096, storage_options: dict | None = None) -> str:
+    """A complete store at ``url`` holding ``activations`` [n, d_model] (e.g. computed elsewhere,
+    or synthetic data for tests and benchmarks), written as a harvest writes one: parts, commit
+    records, then the manifest with merged statistics. Without ``doc_ids``/``positions`` each run of
+    ``tokens_per_document`` rows counts as one document. Returns ``url``."""
+    rows_total, d_model = activations.shape
+    order = torch.arange(rows_total)
+    doc_ids = order // tokens_per_document if doc_ids is None else doc_ids
+    positions = order % tokens_per_document if positions is None else positions
+    token_ids = torch.zeros(rows_total, dtype=torch.int32) if token_ids is None else token_ids
+    stored = activations.detach().to("cpu", TORCH_DTYPES[dtype])
+    schema = arrow_schema(d_model, dtype, hook)
+    commits = []
+    for shard, rows in enumerate(torch.arange(rows_total).chunk(shards)):
+        writer = PartWriter(url, shard, schema, storage_options)
+        writer.statistics.add(stored[rows])
+        shard_docs = doc_ids[rows].numpy().astype(np.int64)
+        for start in range(0, len(rows), row_group_rows):
+            group = rows[start:start + row_group_rows]
+            writer.put(pa.table({"doc_id": doc_ids[group].numpy().astype(np.int64),
+                                 "position": positions[group].numpy().astype(np.int32),
+                                 "token_id": token_ids[group].numpy().astype(np.int32),
+                                 "activation": encode_activations(stored[group])}, schema=schema))
+        documents = len(np.unique(shard_docs))
+        commits.append(writer.commit(documents=documents, empty_documents=0, invalid_utf8_documents=[],
+                                     windows=documents, doc_id_min=int(shard_docs.min(initial=0)),
+                                     doc_id_max=int(shard_docs.max(initial=0)), seconds=0.0))
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook, "d_model": d_model,
+                "dtype": dtype, "model": model or {"id": "unknown"}, "created_at": time.time(),
+                "complete": False, "statistics": None}
+    fs, root = storage.url_to_fs(url, storage_options)
+    storage.write_json(fs, storage.join(root, "manifest.json"), manifest)
+    mark_complete(ActivationStore(url, storage_options), merge_statistics(commits))
+    return url
 
 
 def check_expectations(manifest: dict, expect: dict, url: str) -> None:

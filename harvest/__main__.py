@@ -1,5 +1,0 @@
-import sys
-
-from harvest.cli import main
-
-sys.exit(main())

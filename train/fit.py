@@ -1,0 +1,88 @@
+"""``fit``: train in this process (``workers: 0``) or as a Ray Train job, then ``finish``: export
+the dictionary, measure the export (feature density, held-out evaluation) and plot its training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lexica import storage
+from lexica.run import Run
+from lexica.store import ActivationStore
+from lexica.train.config import TrainConfig
+from lexica.train.export import export_dictionary, load_dictionary
+from lexica.train.metrics import MetricsLog
+from lexica.train.plan import TrainingPlan, plan_training
+from lexica.train.worker import train_worker
+
+
+def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
+    """Export, then measure the exported dictionary (so the export itself is what is evaluated):
+    feature density on a sample of the store, the held-out evaluation, and the training plot."""
+    from lexica.train.evaluate import evaluate_dictionary
+    from lexica.train.plot import plot_training
+
+    config = plan.config
+    store = ActivationStore(plan.store_url, config.storage_options)
+    training = {key: value for key, value in vars(config).items() if key != "storage_options"}
+    metadata = {"lexica_store": store.url, "hook": store.hook, "model": store.manifest["model"],
+                "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": plan.name,
+                "training": {**training, "steps": plan.total_steps}}
+    final_url = Run(config.run, config.storage_options).export_url(plan.name)
+    export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options)
+    exported = load_dictionary(final_url, config.storage_options)
+    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+    density = feature_density(exported, store)
+    storage.write_json(fs, storage.join(folder, "feature_density.json"), density.tolist())
+    evaluation = {}
+    if config.eval_tokens > 0:
+        evaluation = evaluate_dictionary(exported, store.manifest, config.eval_tokens, config.eval_corpus,
+                                         config.device, config.storage_options)
+        storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
+        if config.trackers:
+            metrics_log = MetricsLog(plan, track=True)  # continues the training's tracker run
+            metrics_log.add_summary({f"eval/{key}": value for key, value in evaluation.items()
+                                     if isinstance(value, float)}, step=plan.total_steps)
+            metrics_log.close()
+    plot_url = plot_training(plan.folder, storage_options=config.storage_options)
+    return {"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last, "scale": plan.scale,
+            "steps": plan.total_steps, "dictionary": dictionary, "evaluation": evaluation,
+            "density": density, "plot": plot_url}
+
+
+@torch.no_grad()
+def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tokens: int = 65536) -> torch.Tensor:
+    """Per-latent firing frequency of the final dictionary on (up to) the first ``max_tokens`` of
+    the store: measured after training, not averaged over a run that kept changing."""
+    counts = torch.zeros(dictionary.d_sae, dtype=torch.long)
+    seen = 0
+    for batch in store.iter_batches(batch_rows=4096):
+        code = dictionary.encode(batch.activation.float())
+        counts += torch.bincount(code.indices[code.values > 0], minlength=dictionary.d_sae)
+        seen += len(batch.activation)
+        if seen >= max_tokens:
+            break
+    return counts.double() / max(seen, 1)
+
+
+def fit(config: TrainConfig) -> dict:
+    """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
+    plan = plan_training(config)
+    config = plan.config  # the run folder resolved
+    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+    storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
+    Run(config.run, config.storage_options).record("train", {**dataclasses.asdict(config), "name": plan.name})
+    if config.workers == 0:
+        metrics_log = MetricsLog(plan, track=True)
+        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if config.device == "auto" else config.device)
+        try:
+            dictionary = train_worker(plan, device=device,
+                                      on_report=lambda metrics, state: metrics and metrics_log.add(metrics))
+        finally:
+            metrics_log.close()
+        return finish(plan, dictionary)
+    from lexica.train.job import run_ray_training
+
+    return finish(plan, run_ray_training(plan))

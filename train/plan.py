@@ -1,0 +1,78 @@
+"""The training plan: everything a worker needs, resolved once by the driver from the config and
+the store (plain data, so it travels to Ray workers), and the new dictionary it describes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lexica import storage
+from lexica.config import ConfigError
+from lexica.run import Run
+from lexica.store import ActivationStore
+from lexica.train.architectures import build
+from lexica.train.config import TrainConfig, with_run
+from lexica.train.data import data_variance, normalisation_scale
+
+
+@dataclass
+class TrainingPlan:
+    """Everything a worker needs, resolved once by the driver (plain data: it travels to workers)."""
+
+    config: TrainConfig
+    store_url: str
+    d_model: int
+    d_sae: int
+    name: str
+    folder: str
+    total_steps: int
+    warmup_steps: int
+    dead_tokens: int
+    peak_lr: float
+    scale: float
+    variance: float
+
+
+def resolve_store_url(config: TrainConfig) -> str:
+    if config.store:
+        return config.store
+    if not config.hook:
+        raise ConfigError("give train.store (a store URL) or train.hook (e.g. resid_post.15)")
+    return Run(config.run, config.storage_options).store_url(config.hook)
+
+
+def plan_training(config: TrainConfig) -> TrainingPlan:
+    config = with_run(config)
+    config = dataclasses.replace(config, run=storage.absolute_url(config.run))
+    store = ActivationStore(storage.absolute_url(resolve_store_url(config)), config.storage_options)
+    config.validate(store.d_model)
+    if config.trackers:
+        from lexica.train.trackers import check_trackers, driver_tracking_uri
+
+        check_trackers(config.trackers)
+        config = dataclasses.replace(config, tracking_uri=config.tracking_uri or driver_tracking_uri())
+    if config.eval_tokens > 0 and not {"corpus", "context_length"} <= set(store.manifest):
+        # Found now rather than after training: the evaluation needs the harvest's model and corpus.
+        raise ConfigError(f"store {store.url} records no harvest corpus/context (not written by a harvest?); "
+                          "set train.eval_tokens: 0 to skip the held-out evaluation")
+    d_sae = config.latents(store.d_model)
+    scale = normalisation_scale(store)
+    total_tokens = config.tokens or store.num_rows
+    total_steps = max(1, total_tokens // config.batch_size)
+    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}"
+    return TrainingPlan(
+        config=config, store_url=store.url, d_model=store.d_model, d_sae=d_sae, name=name,
+        folder=Run(config.run, config.storage_options).dictionary_url(name), total_steps=total_steps,
+        warmup_steps=max(1, min(config.lr_warmup_steps, total_steps // 10)),  # short runs still reach the peak
+        dead_tokens=config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4)),
+        peak_lr=config.lr or 2e-4 / math.sqrt(d_sae / 2**14), scale=scale, variance=data_variance(store, scale))
+
+
+def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:
+    config = plan.config
+    torch.manual_seed(config.seed)
+    return build(config.architecture, d_in=plan.d_model, d_sae=plan.d_sae, k=config.k,
+                 aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra).to(device)
