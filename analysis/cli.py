@@ -25,7 +25,13 @@ def features_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lexica analysis features",
                                      description="Build the feature atlas of a dictionary: "
                                                  + SUBCOMMANDS["features"][1])
-    add_knob_flags(parser, AnalysisConfig, "analysis", FLAGS)
+    from lexica.cluster import local_resources
+
+    resources = local_resources()
+    workers = AnalysisConfig().sized_for(resources).workers
+    add_knob_flags(parser, AnalysisConfig, "analysis", FLAGS, notes={"workers": (
+        f"with this machine's {int(resources['CPU'])} CPUs and {int(resources['GPU'])} GPUs the default is "
+        f"{workers} task(s)")})
     return parser
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from lexica.cluster import gpu_count
 from lexica.config import ConfigError, knob
 
 
@@ -18,7 +20,8 @@ class AnalysisConfig:
     device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
     max_tokens: int | None = knob(None, "statistics over only the first N store tokens (default: all)")
     batch_rows: int = knob(4096, "tokens encoded per batch in the statistics pass")
-    workers: int = knob(2, "parallel Ray tasks of the statistics and context passes; 0 runs in this process")
+    workers: int | None = knob(None, "parallel Ray tasks of the statistics and context passes: default one per GPU of "
+                                     "the cluster, else one per cpus_per_worker of its CPUs; 0 runs in this process")
     cpus_per_worker: float = knob(1.0, "CPUs reserved per task (torch threads follow)")
     top_examples: int = knob(20, "top-activating examples kept per feature")
     samples: int = knob(64, "uniformly sampled firing examples kept per feature (for the quantile bands)")
@@ -35,10 +38,27 @@ class AnalysisConfig:
     ray_address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
 
+    def sized_for(self, resources: dict[str, float]) -> AnalysisConfig:
+        """This config with ``workers`` left to its default sized to ``resources`` (CPU and GPU counts)."""
+        if self.workers is not None:
+            return self
+        gpus = gpu_count(resources, self.device)
+        workers = gpus if gpus else max(1, int(resources.get("CPU", 1) // self.cpus_per_worker))
+        return dataclasses.replace(self, workers=workers)
+
+    def sized(self) -> AnalysisConfig:
+        """This config with ``workers`` resolved on the Ray cluster (started if need be) when unset."""
+        if self.workers is not None:
+            return self
+        from lexica.cluster import cluster_resources
+
+        return self.sized_for(cluster_resources(self.ray_address))
+
     def validate(self) -> AnalysisConfig:
         checks = [
             (self.batch_rows >= 1, "batch_rows", ">= 1"),
-            (self.workers >= 0, "workers", ">= 0"),
+            (self.workers is None or self.workers >= 0, "workers", ">= 0 or null"),
+            (self.cpus_per_worker > 0, "cpus_per_worker", "> 0"),
             (self.top_examples >= 1, "top_examples", ">= 1"),
             (self.samples >= 0, "samples", ">= 0"),
             (self.bands >= 1, "bands", ">= 1"),
@@ -54,3 +74,52 @@ class AnalysisConfig:
             if not ok:
                 raise ConfigError(f"analysis.{name} = {getattr(self, name)!r} is invalid; expected {expected}")
         return self
+
+
+@dataclass
+class SteerConfig:
+    """``lexica steer`` (the ``steer:`` section of a pipeline config, or flags)."""
+
+    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
+    store: str | None = knob(None, "activation store URL (default: the one the dictionary was trained on)")
+    model: str | None = knob(None, "model folder or hub id (default: the store's model)")
+    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    max_new_tokens: int = knob(40, "tokens to generate")
+    seed: int = knob(0, "random seed of sampling (the same for both texts)")
+    temperature: float = knob(0.0, "0 is greedy; above 0 samples")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> SteerConfig:
+        check_common(self, "steer", [(self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
+                                     (self.temperature >= 0, "temperature", ">= 0")])
+        return self
+
+
+@dataclass
+class MonitorConfig:
+    """``lexica monitor`` (the ``monitor:`` section of a pipeline config, or flags)."""
+
+    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
+    store: str | None = knob(None, "activation store URL (default: the one the dictionary was trained on)")
+    model: str | None = knob(None, "model folder or hub id (default: the store's model)")
+    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    text_field: str = knob("text", "field holding the text in .jsonl input")
+    threshold: float = knob(0.0, "a feature fires above this activation")
+    top: int = knob(5, "strongest positions shown per feature in the table")
+    batch_tokens: int = knob(4096, "padded tokens per forward pass")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> MonitorConfig:
+        check_common(self, "monitor", [(self.threshold >= 0, "threshold", ">= 0"), (self.top >= 1, "top", ">= 1"),
+                                       (self.batch_tokens >= 1, "batch_tokens", ">= 1")])
+        return self
+
+
+def check_common(config, stage: str, checks: list[tuple[bool, str, str]]) -> None:
+    if not config.run:
+        raise ConfigError(f"{stage} needs a run folder: --run URL (or run: in the config)")
+    for ok, name, expected in checks:
+        if not ok:
+            raise ConfigError(f"{stage}.{name} = {getattr(config, name)!r} is invalid; expected {expected}")

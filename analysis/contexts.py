@@ -127,6 +127,7 @@ def build_contexts(store: ActivationStore, dictionary, examples: pa.Table, token
     rows of its document from ``position - window_before`` to ``position + window_after`` that the
     store holds, as token ids, token strings, the feature's activation on each, and the index of
     the example's own token (``center``). Rows keep the order of ``examples``."""
+    config = config.sized()
     module = dictionary_module(dictionary)
     work = windows_by_part(store, examples, config)
     progress = Progress("contexts", len(work), "parts")

@@ -31,6 +31,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
     from lexica.models import resolve_device
 
     config.validate()
+    config = config.sized()
     timings: dict[str, float] = {}
     dictionary = open_dictionary(config.run, config.dictionary, config.storage_options)
     store = open_store(dictionary, config.store, config.run, config.storage_options)

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lexica.analysis.config import MonitorConfig
 from lexica.analysis.sources import AnalysisError, LoadedRun, check_width, open_run, token_strings
 from lexica.analysis.steering import check_features, context_limit, feature_values
+from lexica.config import add_knob_flags, apply_overrides, from_dict, stage_section
 from lexica.harvest import packing
 from lexica.hooks import Capture, count_blocks, parse_hook, prune_after
 from lexica.models import ModelConfig, load_model
@@ -241,36 +243,36 @@ def format_table(report: MonitorReport, top: int = 5, preview: int = 60) -> str:
     return "\n".join(lines)
 
 
+MONITOR_FLAGS = {"run": "run", "dictionary": "dictionary", "store": "store", "model": "model", "device": "device",
+                 "text_field": "text_field", "threshold": "threshold", "top": "top", "batch_tokens": "batch_tokens"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lexica monitor",
                                      description="Report where watched dictionary features fire on given texts.")
-    parser.add_argument("--run", required=True, help="run folder URL")
-    parser.add_argument("--dictionary", help="dictionary name under <run>/dictionaries/ (default: newest export)")
-    parser.add_argument("--store", help="activation store URL (default: the one the dictionary was trained on)")
-    parser.add_argument("--model", help="model folder or hub id (default: the store's model)")
+    add_knob_flags(parser, MonitorConfig, "monitor", MONITOR_FLAGS)
     parser.add_argument("--watch", required=True, help="comma-separated feature ids, e.g. 12,99,1234")
     parser.add_argument("--texts", required=True, help=".txt (one text per line), .jsonl, or - for stdin")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
-    parser.add_argument("--threshold", type=float, default=0.0, help="a feature fires above this activation")
-    parser.add_argument("--top", type=int, default=5, help="strongest positions shown per feature in the table")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass")
     parser.add_argument("--jsonl", help="also write one JSON object per text to this file")
     parser.add_argument("--json", action="store_true", help="print the JSON lines instead of the table")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    values = stage_section(args.config, "monitor") if args.config else {}
+    config = from_dict(MonitorConfig, apply_overrides(MonitorConfig, values, args, MONITOR_FLAGS, args.set),
+                       "monitor").validate()
     watch = parse_watch(args.watch)
-    texts = read_texts(args.texts, args.text_field)
-    report = monitor_run(args.run, watch, texts, args.dictionary, threshold=args.threshold, device=args.device,
-                         store=args.store, model=args.model, batch_tokens=args.batch_tokens)
+    texts = read_texts(args.texts, config.text_field)
+    report = monitor_run(config.run, watch, texts, config.dictionary, threshold=config.threshold,
+                         device=config.device, store=config.store, model=config.model,
+                         batch_tokens=config.batch_tokens, storage_options=config.storage_options)
     lines = [json.dumps({"dictionary": report.dictionary, "hook": report.hook, **entry}, ensure_ascii=False)
              for entry in report.texts]
     if args.jsonl:
         with open(args.jsonl, "w", encoding="utf-8") as handle:
             handle.writelines(line + "\n" for line in lines)
-    print("\n".join(lines) if args.json else format_table(report, args.top))
+    print("\n".join(lines) if args.json else format_table(report, config.top))
     return 0
 

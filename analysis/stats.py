@@ -464,6 +464,7 @@ def task_groups(parts: list[tuple[CommitRecord, int]], workers: int) -> list[lis
 def compute_statistics(store: ActivationStore, dictionary, config: AnalysisConfig) -> FeatureStatistics:
     """Feature statistics of the store's committed tokens (the first ``config.max_tokens`` in shard
     order); Ray tasks when ``config.workers > 0``, else in this process; the same result either way."""
+    config = config.sized()
     module = dictionary_module(dictionary)
     parts = parts_to_read(store, config.max_tokens)
     total = sum(rows for _, rows in parts)

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lexica.analysis import atlas
+from lexica.analysis.config import SteerConfig
 from lexica.analysis.sources import AnalysisError, Dictionary, check_width, open_run
+from lexica.config import add_knob_flags, apply_overrides, from_dict, stage_section
 from lexica.hooks import count_blocks
 from lexica.models import load_causal_lm
 from lexica.run import Run
@@ -273,23 +275,20 @@ def steer_run(run_url: str, prompt: str, features: dict[int, float | str], dicti
 
 # ---------------------------------------------------------------- command line
 
+STEER_FLAGS = {"run": "run", "dictionary": "dictionary", "store": "store", "model": "model", "device": "device",
+               "max_new_tokens": "max_new_tokens", "seed": "seed", "temperature": "temperature"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lexica steer",
                                      description="Generate text with dictionary features clamped, next to the "
                                                  "untouched model's text.")
-    parser.add_argument("--run", required=True, help="run folder URL")
-    parser.add_argument("--dictionary", help="dictionary name under <run>/dictionaries/ (default: newest export)")
-    parser.add_argument("--store", help="activation store URL (default: the one the dictionary was trained on)")
-    parser.add_argument("--model", help="model folder or hub id (default: the store's model)")
+    add_knob_flags(parser, SteerConfig, "steer", STEER_FLAGS)
     parser.add_argument("--feature", type=int, action="append", default=[], help="feature id to steer (repeatable)")
     parser.add_argument("--value", action="append", default=[],
                         help="its target: an activation (5, 0, -3) or a multiple of its max activation (10x, "
                              "-2x); one per --feature, in the same order")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of sampling (same for both texts)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--width", type=int, default=None, help="output width (default: the terminal's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of columns")
     return parser
@@ -323,6 +322,9 @@ def describe(result: SteeringResult) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    values = stage_section(args.config, "steer") if args.config else {}
+    values = apply_overrides(SteerConfig, values, args, STEER_FLAGS, args.set)
+    config = from_dict(SteerConfig, values, "steer").validate()
     if not args.feature:
         raise AnalysisError("give at least one --feature ID --value VALUE pair")
     if len(args.feature) != len(args.value):
@@ -331,9 +333,9 @@ def main(argv: list[str]) -> int:
     if len(set(args.feature)) != len(args.feature):
         raise AnalysisError(f"a feature is given twice in --feature {args.feature}")
     features = {feature: parse_value(value) for feature, value in zip(args.feature, args.value, strict=True)}
-    result = steer_run(args.run, args.prompt, features, args.dictionary, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, temperature=args.temperature, device=args.device, store=args.store,
-                       model=args.model)
+    result = steer_run(config.run, args.prompt, features, config.dictionary, max_new_tokens=config.max_new_tokens,
+                       seed=config.seed, temperature=config.temperature, device=config.device, store=config.store,
+                       model=config.model, storage_options=config.storage_options)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
         return 0

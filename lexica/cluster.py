@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from lexica.command import verbose
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` or ``RAY_ADDRESS`` (a Ray job sets it), else start a local Ray.
@@ -14,12 +16,32 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()
+    # Workers' own output (Ray Train's internal actors, library warnings) reaches the user only with
+    # --verbose: Lexica's progress and errors come through the driver, and workers' logs stay in
+    # Ray's log folder (/tmp/ray/session_latest/logs) either way.
+    forward = verbose()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=forward)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=forward,
                  configure_logging=False)
+    quiet_ray()
+
+
+def quiet_ray() -> None:
+    """Keep Ray's informational messages (start-up, token authentication, Train's run summary) out
+    of the user's output unless ``--verbose``: Ray configures its loggers when imported, so this is
+    applied after the import (and again after ``ray.init``)."""
+    if verbose():
+        return
+    import logging
+
+    for name in ("ray", "ray.train", "ray.data", "ray.tune", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray warns on every start that token authentication is on, its secure default, which we keep.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def wants_gpus(device: str, needed: int = 1) -> bool:
@@ -32,3 +54,24 @@ def wants_gpus(device: str, needed: int = 1) -> bool:
     if device.startswith("cuda"):
         return True
     return device == "auto" and ray.cluster_resources().get("GPU", 0) >= needed
+
+
+def local_resources() -> dict[str, float]:
+    """This machine's CPUs and GPUs: what an embedded Ray gets, and what ``--help`` reports."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def cluster_resources(address: str | None = None) -> dict[str, float]:
+    """The Ray cluster's CPUs and GPUs (connecting to it, or starting the embedded one)."""
+    import ray
+
+    ensure_ray(address)
+    totals = ray.cluster_resources()
+    return {"CPU": float(totals.get("CPU", 1)), "GPU": float(totals.get("GPU", 0))}
+
+
+def gpu_count(resources: dict[str, float], device: str) -> int:
+    """GPUs that work for ``device`` may use: none for "cpu", whole GPUs otherwise."""
+    return 0 if device == "cpu" else int(resources.get("GPU", 0))

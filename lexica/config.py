@@ -128,13 +128,17 @@ def assign_dotted(cls: type, values: dict, dotted: str, value) -> None:
     values[leaf] = value
 
 
-def add_knob_flags(parser: Any, cls: type, stage: str, flags: dict[str, str]) -> None:
+def add_knob_flags(parser: Any, cls: type, stage: str, flags: dict[str, str],
+                   notes: dict[str, str] | None = None) -> None:
     """``--config``, one flag per entry of ``flags`` (argparse dest → dotted knob, its help from the
-    knob) and ``--set KEY=VALUE``: the options every stage CLI shares."""
+    knob, plus ``notes[flag]`` such as what a default resolves to here) and ``--set KEY=VALUE``:
+    the options every stage CLI shares."""
     helps = {name: text for name, _, text in field_help(cls)}
     parser.add_argument("--config", help=f"YAML pipeline config; its '{stage}:' section (flags override it)")
     for flag, target in flags.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
+        note = (notes or {}).get(flag)
+        help_text = helps.get(target, "") + (f" [{note}]" if note else "")
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=help_text.replace("%", "%%"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"set any {stage} knob")
 
 

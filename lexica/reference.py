@@ -41,7 +41,9 @@ def flag_list(flags: dict[str, str], extra: tuple[str, ...] = ()) -> str:
 
 def markdown() -> str:
     from lexica.analysis.cli import FLAGS as ANALYSIS_FLAGS
-    from lexica.analysis.config import AnalysisConfig
+    from lexica.analysis.config import AnalysisConfig, MonitorConfig, SteerConfig
+    from lexica.analysis.monitor import MONITOR_FLAGS
+    from lexica.analysis.steering import STEER_FLAGS
     from lexica.harvest.cli import FLAG_TARGETS as HARVEST_FLAGS
     from lexica.harvest.config import HarvestConfig
     from lexica.train.architectures import ARCHITECTURES
@@ -67,7 +69,13 @@ def markdown() -> str:
         lines += [f"#### {', '.join(f'`{name}`' for name in names)}", ""]
         lines += (table(options) if field_help(options) else ["No options of its own."]) + [""]
     lines += ["## `analysis:` — `lexica analysis features`", "", "Flags: " + flag_list(ANALYSIS_FLAGS) + ".", ""]
-    lines += table(AnalysisConfig)
+    lines += table(AnalysisConfig) + [""]
+    lines += ["## `steer:` — `lexica steer`", "", "Flags: " + flag_list(STEER_FLAGS, (
+        "`--feature ID --value V` (repeatable)", "`--prompt TEXT`", "`--width N`", "`--json`")) + ".", ""]
+    lines += table(SteerConfig) + [""]
+    lines += ["## `monitor:` — `lexica monitor`", "", "Flags: " + flag_list(MONITOR_FLAGS, (
+        "`--watch IDS`", "`--texts FILE`", "`--jsonl FILE`", "`--json`")) + ".", ""]
+    lines += table(MonitorConfig)
     return "\n".join(lines) + "\n"
 
 

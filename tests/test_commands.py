@@ -217,3 +217,74 @@ def test_the_train_stage_imports_run_one_way_inside():
         later = {f"lexica.train.{other}" for other in order[position + 1:]}
         imported = set(lexica_imports(ROOT / "train" / f"{name}.py"))
         assert not imported & later, f"train/{name}.py imports {imported & later}"
+
+
+# ---------------------------------------------------------------- defaults sized to the machine
+
+
+def test_training_defaults_are_sized_to_the_cluster():
+    from lexica.train.config import TrainConfig, sized_for
+
+    def sized(resources: dict, **knobs) -> tuple:
+        config = sized_for(TrainConfig(**knobs), resources)
+        return config.workers, config.cpus_per_worker
+
+    assert sized({"CPU": 2, "GPU": 0}) == (1, 2.0)  # this machine: one worker using both cores
+    assert sized({"CPU": 16, "GPU": 4}) == (4, 4.0)  # one worker per GPU, the CPUs shared
+    assert sized({"CPU": 16, "GPU": 4}, device="cpu") == (1, 16.0)
+    assert sized({"CPU": 16, "GPU": 4}, workers=2) == (2, 8.0)
+    assert sized({"CPU": 16, "GPU": 4}, workers=0, cpus_per_worker=3.0) == (0, 3.0)  # given values stay
+
+
+def test_analysis_defaults_are_sized_to_the_cluster():
+    from lexica.analysis.config import AnalysisConfig
+
+    assert AnalysisConfig().sized_for({"CPU": 2, "GPU": 0}).workers == 2
+    assert AnalysisConfig(cpus_per_worker=2.0).sized_for({"CPU": 8, "GPU": 0}).workers == 4
+    assert AnalysisConfig().sized_for({"CPU": 8, "GPU": 2}).workers == 2
+    assert AnalysisConfig(workers=0).sized_for({"CPU": 8, "GPU": 2}).workers == 0
+
+
+def test_help_says_what_the_defaults_come_to_here(capsys):
+    with pytest.raises(SystemExit):
+        lexica_main(["train", "--help"])
+    assert f"with this machine's {os.cpu_count()} CPUs" in " ".join(capsys.readouterr().out.split())
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
+    import io
+
+    from lexica.progress import Progress
+
+    for mode in ("bar", "lines"):
+        monkeypatch.setenv("LEXICA_PROGRESS", mode)
+        stream = io.StringIO()
+        progress = Progress("train", 4, "steps", interval=0.0, stream=stream)
+        for step in range(1, 5):
+            progress.update(step, step * 100, "fvu 0.5 | details", final=step == 4)
+        progress.update(4, 400, final=True)  # after the final update: nothing more
+        written = stream.getvalue()
+        if mode == "bar":
+            assert "\r" in written and "4/4" in written and "fvu 0.5" in written and "details" not in written
+        else:
+            lines = written.splitlines()
+            assert len(lines) == 4 and lines[-1].startswith("[train] steps 4/4 tokens 400")
+            assert lines[-1].endswith("| fvu 0.5 | details")
+
+
+def test_steer_and_monitor_take_a_config_and_set(tmp_path, capsys):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run": str(tmp_path / "run"), "monitor": {"threshold": 2.5}}))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n")
+    assert lexica_main(["steer", "--feature", "1", "--value", "2", "--prompt", "x"]) == EXIT_BAD_INPUT
+    assert "steer needs a run folder: --run URL" in one_line_error(capsys.readouterr().err)
+    assert lexica_main(["monitor", "--config", str(config), "--watch", "1", "--texts", "-",
+                        "--set", "top=0"]) == EXIT_BAD_INPUT
+    assert "monitor.top = 0 is invalid; expected >= 1" in one_line_error(capsys.readouterr().err)
+    # The config's run and section reach the command: it gets as far as looking for a dictionary.
+    assert lexica_main(["monitor", "--config", str(config), "--watch", "1", "--texts", str(texts)]) == EXIT_BAD_INPUT
+    assert f"{tmp_path / 'run'} has no exported dictionary" in one_line_error(capsys.readouterr().err)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lexica.config import add_knob_flags, apply_overrides, from_dict, stage_section
-from lexica.train.config import TrainConfig, resolve_sources
+from lexica.train.config import TrainConfig, describe_defaults, resolve_sources
 
 FLAGS = {"store": "store", "hook": "hook", "run": "run", "name": "name", "arch": "architecture", "width": "width",
          "k": "k", "batch_size": "batch_size", "tokens": "tokens", "lr": "lr", "seed": "seed", "device": "device",
@@ -17,7 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lexica train", description="Fit a sparse dictionary on an activation store; it is exported to "
         "<run>/dictionaries/<name>/final/ (SAELens layout) and evaluated on held-out text.",
         epilog="Without --run, the dictionary goes into the run that holds --store.")
-    add_knob_flags(parser, TrainConfig, "train", FLAGS)
+    from lexica.cluster import local_resources
+
+    add_knob_flags(parser, TrainConfig, "train", FLAGS,
+                   notes={"workers": describe_defaults(local_resources()),
+                          "cpus_per_worker": describe_defaults(local_resources())})
     return parser
 
 

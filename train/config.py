@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from lexica import storage
+from lexica.cluster import gpu_count
 from lexica.config import ConfigError, knob
 from lexica.run import ACTIVATIONS, Run, run_holding
 
@@ -34,9 +35,11 @@ class TrainConfig:
                                          "min(10M, tokens/4))")
     aux_coefficient: float = knob(1 / 32, "weight of the AuxK loss for dead latents")
     log_every: int = knob(50, "steps between metric lines")
-    workers: int = knob(1, "Ray Train workers (DDP, one per GPU when present); 0 trains in this process without Ray")
+    workers: int | None = knob(None, "Ray Train workers (DDP): default one per GPU of the cluster, else one; 0 trains "
+                                     "in this process without Ray")
     checkpoint_every: int = knob(200, "steps between checkpoints (Ray Train); a re-run resumes from the newest")
-    cpus_per_worker: float = knob(1.0, "CPUs reserved per training worker")
+    cpus_per_worker: float | None = knob(None, "CPUs reserved per training worker, and its torch threads: default the "
+                                               "cluster's CPUs shared among the workers")
     device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
     eval_tokens: int = knob(4096, "held-out tokens for the final ΔCE / CE-recovered / KL evaluation; 0 skips it")
     eval_corpus: list[str] = knob([], "held-out text files for the evaluation (default: the harvest corpus's documents "
@@ -59,7 +62,7 @@ class TrainConfig:
         return count
 
     def lanes(self) -> int:
-        return self.data_lanes or max(1, self.workers)
+        return self.data_lanes or max(1, self.workers or 0)
 
     def validate(self, d_model: int) -> TrainConfig:
         latents = self.latents(d_model)
@@ -67,7 +70,7 @@ class TrainConfig:
             raise ConfigError(f"k = {self.k} is out of range for {latents} latents; expected 1..{latents}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size} is invalid; expected >= 1")
-        lanes, workers = self.lanes(), max(1, self.workers)
+        lanes, workers = self.lanes(), max(1, self.workers or 0)
         if lanes % workers or self.batch_size % lanes:
             raise ConfigError(f"data_lanes = {lanes} must be a multiple of workers ({workers}) and divide batch_size "
                               f"({self.batch_size})")
@@ -77,6 +80,26 @@ class TrainConfig:
 
         architecture_options(self.architecture, self.extra)  # unknown, mistyped or out-of-range options
         return self
+
+
+def sized_for(config: TrainConfig, resources: dict[str, float]) -> TrainConfig:
+    """``config`` with ``workers`` and ``cpus_per_worker`` left to their defaults sized to
+    ``resources`` (a cluster's or this machine's CPU and GPU counts): one worker per GPU, else
+    one; each worker with an equal share of the CPUs (all of them for one worker)."""
+    workers = config.workers
+    if workers is None:
+        workers = max(1, gpu_count(resources, config.device))
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        cpus = float(max(1, int(resources.get("CPU", 1)) // max(1, workers)))
+    return dataclasses.replace(config, workers=workers, cpus_per_worker=cpus)
+
+
+def describe_defaults(resources: dict[str, float], device: str = "auto") -> str:
+    """What the worker defaults come to on ``resources``, for ``--help``."""
+    sized = sized_for(TrainConfig(device=device), resources)
+    return (f"with this machine's {int(resources['CPU'])} CPUs and {int(resources['GPU'])} GPUs the defaults are "
+            f"{sized.workers} worker(s) x {sized.cpus_per_worker:g} CPUs")
 
 
 def resolve_sources(config: TrainConfig) -> TrainConfig:

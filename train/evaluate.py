@@ -25,7 +25,6 @@ from lexica.harvest.config import CorpusConfig
 from lexica.harvest.corpus import plan_shards, read_shard
 from lexica.harvest.packing import split_windows, tokenize
 from lexica.hooks import first_tensor, hook_module, parse_hook
-from lexica.models import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +121,12 @@ def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int
                         paths: list[str] | None = None, device: str = "auto",
                         storage_options: dict | None = None) -> dict:
     """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation folded)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lexica.models import config_from_manifest, load_causal_lm, load_tokenizer, resolve_device
 
-    from lexica.models import resolve_device
-
-    model_facts = manifest["model"]
-    model_config = ModelConfig(path=model_facts["id"], revision=model_facts.get("revision"))
+    model_config = config_from_manifest(manifest, device=device, dtype="float32")
     device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_config.path, revision=model_config.revision)
-    model = AutoModelForCausalLM.from_pretrained(model_config.path, revision=model_config.revision,
-                                                 dtype=torch.float32).to(device).eval()
+    tokenizer = load_tokenizer(model_config)
+    model = load_causal_lm(model_config)
     dictionary = dictionary.to(device)
     bos = bool(manifest.get("bos", {}).get("prepend"))
     documents = held_out_documents(manifest, paths or [], tokens, manifest["context_length"], storage_options)

@@ -10,7 +10,7 @@ import torch
 from lexica import storage
 from lexica.run import Run
 from lexica.store import ActivationStore
-from lexica.train.config import TrainConfig
+from lexica.train.config import TrainConfig, sized_for
 from lexica.train.export import export_dictionary, load_dictionary
 from lexica.train.metrics import MetricsLog
 from lexica.train.plan import TrainingPlan, plan_training
@@ -66,10 +66,20 @@ def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tok
     return counts.double() / max(seen, 1)
 
 
+def training_resources(config: TrainConfig) -> dict[str, float]:
+    """What the defaults are sized to: the Ray cluster's resources, or this machine's when
+    training in process or when nothing is left to size."""
+    from lexica.cluster import cluster_resources, local_resources
+
+    if config.workers == 0 or (config.workers is not None and config.cpus_per_worker is not None):
+        return local_resources()
+    return cluster_resources()
+
+
 def fit(config: TrainConfig) -> dict:
     """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
-    plan = plan_training(config)
-    config = plan.config  # the run folder resolved
+    plan = plan_training(sized_for(config, training_resources(config)))
+    config = plan.config  # the run folder and the worker counts resolved
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
     storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
     Run(config.run, config.storage_options).record("train", {**dataclasses.asdict(config), "name": plan.name})

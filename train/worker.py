@@ -18,7 +18,8 @@ from lexica.train.step import FiringTracker, learning_rate, new_optimizer, train
 
 def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu", resume: dict | None = None,
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 on_report: Callable[[dict, dict | None], None] | None = None, checkpoint_every: int = 0):
+                 on_report: Callable[[dict, dict | None], None] | None = None, checkpoint_every: int = 0,
+                 show_progress: bool = True):
     """Train on this worker's slice of every global batch; returns the (unwrapped) dictionary.
 
     ``on_report(metrics, state_or_None)`` receives metric lines and, every ``checkpoint_every``
@@ -80,7 +81,7 @@ def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu"
                          "tokens_since_fired": tracker.tokens_since_fired.clone()}
             if on_report and (metrics or state):
                 on_report(metrics, state)
-            if rank == 0:
+            if rank == 0 and show_progress:
                 progress.update(done, done * config.batch_size,
                                 f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
                                 final=done == plan.total_steps)
