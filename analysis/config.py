@@ -77,18 +77,24 @@ class AnalysisConfig:
 
 
 @dataclass
-class SteerConfig:
-    """``lexica steer`` (the ``steer:`` section of a pipeline config, or flags)."""
+class DictionaryTarget:
+    """The knobs that name what steering and monitoring load: a run's dictionary, its store and model."""
 
     run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
     dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
     store: str | None = knob(None, "activation store URL (default: the one the dictionary was trained on)")
     model: str | None = knob(None, "model folder or hub id (default: the store's model)")
     device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+
+@dataclass
+class SteerConfig(DictionaryTarget):
+    """``lexica steer`` (the ``steer:`` section of a pipeline config, or flags)."""
+
     max_new_tokens: int = knob(40, "tokens to generate")
     seed: int = knob(0, "random seed of sampling (the same for both texts)")
     temperature: float = knob(0.0, "0 is greedy; above 0 samples")
-    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
 
     def validate(self) -> SteerConfig:
         check_common(self, "steer", [(self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
@@ -97,19 +103,13 @@ class SteerConfig:
 
 
 @dataclass
-class MonitorConfig:
+class MonitorConfig(DictionaryTarget):
     """``lexica monitor`` (the ``monitor:`` section of a pipeline config, or flags)."""
 
-    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
-    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
-    store: str | None = knob(None, "activation store URL (default: the one the dictionary was trained on)")
-    model: str | None = knob(None, "model folder or hub id (default: the store's model)")
-    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
     text_field: str = knob("text", "field holding the text in .jsonl input")
     threshold: float = knob(0.0, "a feature fires above this activation")
     top: int = knob(5, "strongest positions shown per feature in the table")
     batch_tokens: int = knob(4096, "padded tokens per forward pass")
-    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
 
     def validate(self) -> MonitorConfig:
         check_common(self, "monitor", [(self.threshold >= 0, "threshold", ">= 0"), (self.top >= 1, "top", ">= 1"),

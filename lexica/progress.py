@@ -9,6 +9,7 @@ it prints a line every ``interval`` seconds instead, which reads well in a log.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -59,8 +60,11 @@ class Progress:
         if live_bars(self.stream):
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_units, desc=label, unit=f" {unit}", file=self.stream, dynamic_ncols=True,
-                             mininterval=0.5, smoothing=0.1, leave=True)
+            # The width is read once, with a fallback: a terminal that reports no size (a pty
+            # without a window, e.g. under `script`) would otherwise get an empty bar.
+            size = shutil.get_terminal_size((100, 24))
+            self._bar = tqdm(total=total_units, desc=label, unit=f" {unit}", file=self.stream, ncols=size.columns,
+                             nrows=size.lines, mininterval=0.5, smoothing=0.1, leave=True)
 
     def update(self, done_units: float, tokens: int, extra: str = "", final: bool = False) -> None:
         if self._closed:

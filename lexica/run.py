@@ -156,6 +156,11 @@ class Run:
 
     # ------------------------------------------------------------ model
 
+    def model(self, hook: str | None = None) -> dict:
+        """The run's model as its store records it: ``id``, ``revision``, ``config_hash`` (of the
+        model's config, checked whenever a dictionary meets a store) and ``model_type``."""
+        return dict(self.store(hook).manifest.get("model") or {})
+
     def model_config(self, hook: str | None = None, device: str = "auto", dtype: str = "float32",
                      path: str | None = None) -> ModelConfig:
         """The run's model as its store's manifest records it: id and revision (``path`` replaces

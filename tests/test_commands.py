@@ -122,17 +122,20 @@ def test_a_misspelt_architecture_option_is_refused_before_anything_is_written(tm
     assert not (run / "dictionaries").exists()
 
 
-def test_train_with_only_a_store_writes_into_the_run_that_holds_it(tmp_path, monkeypatch):
+def test_train_with_only_a_store_writes_into_the_run_that_holds_it(ray_cluster, tmp_path, monkeypatch):
     run = tmp_path / "run"
     store = write_synthetic_store(str(run), torch.randn(2048, 16), shards=2)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert lexica_main(["train", "--store", store, "--arch", "topk", "--width", "4x", "--k", "4", "--workers", "0",
-                        "--batch-size", "256", "--set", "eval_tokens=0"]) == 0
-    assert (run / "dictionaries" / "topk-resid_post.0-4x-k4" / "final" / "cfg.json").is_file()
+    # The issue's own command line (two DDP workers through Ray Train), plus a short run.
+    assert lexica_main(["train", "--store", store, "--arch", "topk", "--width", "8x", "--k", "32", "--workers", "2",
+                        "--batch-size", "256", "--set", "eval_tokens=0", "--set", "buffer_rows=512"]) == 0
+    assert (run / "dictionaries" / "topk-resid_post.0-8x-k32" / "final" / "cfg.json").is_file()
     assert list(elsewhere.iterdir()) == []
-    assert yaml.safe_load((run / "run.yaml").read_text())["train"]["run"] == str(run)
+    recorded = yaml.safe_load((run / "run.yaml").read_text())["train"]
+    assert recorded["run"] == str(run) and recorded["workers"] == 2 and recorded["cpus_per_worker"] == 2.0
+    assert Run(str(run)).model() == {"id": "synthetic"}
 
 
 def test_the_newest_dictionary_is_the_latest_export_on_every_filesystem(tmp_path):
