@@ -84,8 +84,9 @@ def text_codes(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, h
         raise AnalysisError("the store prepends a BOS but this tokenizer has none")
     ids = packing.tokenize(tokenizer, [(0, text)])[0][1]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pieces = sorted((start, dictionary.encode(rows)) for _, start, rows in hook_activations(
-        model, hook_name, [ids], context_length, bos, tokenizer.bos_token_id, pad_id, batch_tokens))
+    pieces = sorted(((start, dictionary.encode(rows)) for _, start, rows in hook_activations(
+        model, hook_name, [ids], context_length, bos, tokenizer.bos_token_id, pad_id, batch_tokens)),
+        key=lambda piece: piece[0])  # windows in text order (batches group them by length)
     if not pieces:
         return [], SparseCode(torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.long))
     width = max(code.values.shape[1] for _, code in pieces)  # threshold architectures vary per window

@@ -71,11 +71,6 @@ class Dictionary:
         return self.module.b_dec
 
 
-def dictionary_names(run_url: str, storage_options: dict | None = None) -> list[str]:
-    """Dictionaries with a finished export under the run, newest export last."""
-    return Run(run_url, storage_options).dictionary_names()
-
-
 def resolve_dictionary_name(run_url: str, name: str | None, storage_options: dict | None = None) -> str:
     try:
         return Run(run_url, storage_options).dictionary_name(name)

@@ -25,7 +25,8 @@ def configure_logging() -> None:
     level = logging.DEBUG if verbose() else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not verbose():
-        for noisy in ("ray", "urllib3", "filelock", "fsspec", "botocore", "s3fs", "asyncio"):
+        # Ray's loggers are quieted where Ray is started (lexica.cluster): it reconfigures them on import.
+        for noisy in ("urllib3", "filelock", "fsspec", "botocore", "s3fs", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -21,7 +21,6 @@ def knob(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's voc
     return field(default=default, metadata={"help": help})
 
 
-
 def get_dotted(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -115,7 +114,6 @@ def stage_section(url: str, stage: str) -> dict:
     return section
 
 
-
 def assign_dotted(cls: type, values: dict, dotted: str, value) -> None:
     """Set ``values[a][b] = value`` for ``dotted`` = "a.b" (a --set / flag override)."""
     *parents, leaf = dotted.split(".")
@@ -169,9 +167,8 @@ def parse_yaml_value(text: str, where: str):
         raise ConfigError(f"{where}: {text!r} is not a valid YAML value ({problem})") from error
 
 
-
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, default, help) of every knob, for --help and the README reference."""
+    """(dotted name, default, help) of every knob, for --help and docs/configuration.md."""
     rows = []
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

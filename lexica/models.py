@@ -2,7 +2,7 @@
 
 A model is named by a ``ModelConfig`` (path or hub id, revision, dtype, device); the store's
 manifest records the id, revision and a hash of the model's config, and every later stage loads the
-model through :func:`model_from_manifest` so none of them can drop the recorded revision.
+model through :func:`config_from_manifest` so none of them can drop the recorded revision.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def load_causal_lm(config: ModelConfig) -> torch.nn.Module:
 
 
 def load_tokenizer(config: ModelConfig):
-    return load_config_and_tokenizer(config)[1]
+    from transformers import AutoTokenizer
+
+    return _load(config, lambda path, common: AutoTokenizer.from_pretrained(path, **common))
 
 
 def config_from_manifest(manifest: dict, device: str = "auto", dtype: str = "float32",

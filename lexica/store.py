@@ -537,12 +537,12 @@ def write_store(url: str, activations: torch.Tensor, hook: str, *, doc_ids: torc
         commits.append(writer.commit(documents=documents, empty_documents=0, invalid_utf8_documents=[],
                                      windows=documents, doc_id_min=int(shard_docs.min(initial=0)),
                                      doc_id_max=int(shard_docs.max(initial=0)), seconds=0.0))
+    # Every shard is committed already: the manifest is written once, complete.
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook, "d_model": d_model,
                 "dtype": dtype, "model": model or {"id": "unknown"}, "created_at": time.time(),
-                "complete": False, "statistics": None}
+                "complete": True, "statistics": merge_statistics(commits)}
     fs, root = storage.url_to_fs(url, storage_options)
     storage.write_json(fs, storage.join(root, "manifest.json"), manifest)
-    mark_complete(ActivationStore(url, storage_options), merge_statistics(commits))
     return url
 
 

@@ -104,7 +104,7 @@ def test_a_truncated_dictionary_weights_file_is_a_one_line_error(tmp_path, capsy
     assert "sae_weights.safetensors is damaged or truncated" in one_line_error(capsys.readouterr().err)
 
 
-def test_a_misspelt_architecture_option_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_a_misspelt_architecture_option_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     store = write_synthetic_store(str(run), torch.randn(512, 16), shards=1)
     (run / "run.yaml").write_text(yaml.safe_dump({"harvest": {"hook": "resid_post.0"}}))
@@ -114,8 +114,12 @@ def test_a_misspelt_architecture_option_is_refused_before_anything_is_written(tm
     assert code == EXIT_BAD_INPUT
     line = one_line_error(capsys.readouterr().err)
     assert "unknown key(s) ['l0_coeficient']" in line and "l0_coefficient" in line
-    code = lexica_main(["train", "--store", store, "--arch", "relu", "--workers", "0", "--set",
-                        "extra={sparsity_warmup: 2}"])
+    # With the worker defaults left to size, the config is still refused before any cluster starts.
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a Ray cluster was started for a config that is refused")
+
+    monkeypatch.setattr("lexica.cluster.cluster_resources", no_cluster)
+    code = lexica_main(["train", "--store", store, "--arch", "relu", "--set", "extra={sparsity_warmup: 2}"])
     assert code == EXIT_BAD_INPUT
     assert "train.extra.sparsity_warmup = 2 is invalid for relu; expected 0..1" in capsys.readouterr().err
     assert (run / "run.yaml").read_text() == before

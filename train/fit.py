@@ -66,19 +66,18 @@ def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tok
     return counts.double() / max(seen, 1)
 
 
-def training_resources(config: TrainConfig) -> dict[str, float]:
-    """What the defaults are sized to: the Ray cluster's resources, or this machine's when
-    training in process or when nothing is left to size."""
-    from lexica.cluster import cluster_resources, local_resources
-
-    if config.workers == 0 or (config.workers is not None and config.cpus_per_worker is not None):
-        return local_resources()
-    return cluster_resources()
-
-
 def fit(config: TrainConfig) -> dict:
     """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
-    plan = plan_training(sized_for(config, training_resources(config)))
+    from lexica.cluster import cluster_resources, local_resources
+
+    # Planned (and so validated) with this machine's resources before any cluster is started: a
+    # bad config fails at once. Defaults left to size are then sized on the cluster, and the plan
+    # redone only if the cluster differs from this machine.
+    plan = plan_training(sized_for(config, local_resources()))
+    if config.workers != 0 and (config.workers is None or config.cpus_per_worker is None):
+        on_cluster = sized_for(config, cluster_resources())
+        if (on_cluster.workers, on_cluster.cpus_per_worker) != (plan.config.workers, plan.config.cpus_per_worker):
+            plan = plan_training(on_cluster)
     config = plan.config  # the run folder and the worker counts resolved
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
     storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
