@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML pipeline config; its 'harvest:' section (flags override it)")
     for flag, target in FLAG_TARGETS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=helps.get(target, ""))
-    parser.add_argument("--layer", default=None,
-                        help="layer of the hook point (an integer or 'middle'); combines with --hook KIND")
+    parser.add_argument("--layers", "--layer", dest="layer", default=None,
+                        help="layers of the hook point(s): an integer, 'middle', a range FIRST-LAST, a comma list or "
+                             "'all'; combines with --hook KIND[,KIND...] (e.g. --hook resid_post,mlp_out --layers 5-8)")
     parser.add_argument("--corpus", nargs="+", default=None,
                         help="corpus files/folders/globs, or one Hugging Face datasets name")
     parser.add_argument("--overwrite", action="store_true", default=None, help=helps["overwrite"])
@@ -59,8 +60,10 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
             assign_dotted(HarvestConfig, values, "corpus.paths", list(args.corpus))
             assign_dotted(HarvestConfig, values, "corpus.dataset", None)
     if args.layer is not None:
-        kind = (values.get("hook") or HarvestConfig.hook).split(".")[0]
-        values["hook"] = f"{kind}.{args.layer}"
+        given = (values.get("hook") or HarvestConfig.hook).split(",")
+        kinds = dict.fromkeys(item.strip().split(".")[0] for item in given)
+        layers = [item.strip() for item in args.layer.split(",")]
+        values["hook"] = ",".join(f"{kind}.{layer}" for kind in kinds for layer in layers)
     if args.overwrite:
         values["overwrite"] = True
     apply_overrides(HarvestConfig, values, args, {}, args.set)

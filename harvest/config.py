@@ -44,13 +44,17 @@ class HarvestConfig:
     run: str = knob("./runs/demo", "run folder URL (local path, file://, s3://...)")
     model: ModelConfig = field(default_factory=ModelConfig)
     hook: str = knob("resid_post.middle",
-                     "hook point: resid_post.L, resid_pre.L, mlp_out.L, attn_out.L (L may be 'middle')")
+                     "hook point(s), comma-separated, all from one forward pass: resid_post.L, resid_pre.L, "
+                     "mlp_in.L, mlp_out.L, attn_out.L; L is a layer, 'middle', a range FIRST-LAST or 'all' "
+                     "(one store per hook point)")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     context_length: int = knob(1024, "tokens per context window; longer documents are split into windows")
     bos: str = knob("auto", "prepend the tokenizer's BOS to every window: auto (if it has one), always, never")
     store_dtype: str = knob("float16", "dtype of stored activations: float16 or bfloat16")
     batch_tokens: int = knob(8192, "tokens per forward batch (windows are grouped by length to limit padding)")
     row_group_mb: int = knob(64, "MiB of activations per Parquet row group")
+    max_buffer_bytes: int = knob(2 << 30, "bytes of activations an actor may hold awaiting their write, over "
+                                 "all hook points; many hooks get smaller row groups and forward batches")
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage_options: dict = knob({}, "fsspec options for the run URL, e.g. {endpoint_url: ...}; never credentials")
@@ -77,6 +81,7 @@ class HarvestConfig:
             (self.workers.actors >= 0, "workers.actors", ">= 1 (or 0: run in this process without Ray)"),
             (self.workers.max_attempts >= 1, "workers.max_attempts", ">= 1"),
             (self.row_group_mb >= 1, "row_group_mb", ">= 1"),
+            (self.max_buffer_bytes >= 1 << 20, "max_buffer_bytes", ">= 1048576 (1 MiB)"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -1,8 +1,9 @@
-"""The harvest driver: plan, manifest, a pool of Ray actors fed shards from a queue, summary.
+"""The harvest driver: plan, manifests, a pool of Ray actors fed shards from a queue, summary.
 
 The driver is the only process that decides what to run; actors only process the shard they
-are handed and commit it. A shard is done exactly when its commit record exists, so a re-run
-(after a crash of anything) picks up the shards without one.
+are handed and commit it. One harvest writes one store per hook point, all from the same plan; a
+shard is done exactly when every store has its commit record, so a re-run (after a crash of
+anything) redoes each shard for just the stores that lack it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lexica.config import from_dict, to_dict
 from lexica.errors import FailedError
 from lexica.harvest.config import HarvestConfig
 from lexica.harvest.corpus import ShardPlan, plan_shards
-from lexica.hooks import hook_module, parse_hook
+from lexica.hooks import hook_module, parse_hooks
 from lexica.models import load_config_and_tokenizer, model_skeleton
 from lexica.progress import Progress, duration, human
 from lexica.run import Run
@@ -35,7 +36,8 @@ class HarvestError(FailedError):
 
 @dataclass
 class HarvestSummary:
-    store_url: str
+    store_url: str  # the first hook point's store
+    stores: list[str]  # every hook point's store, in the order the hooks were given
     shards_total: int
     shards_skipped: int
     shards_done: int
@@ -79,21 +81,27 @@ def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, pla
                         plan=plan.to_dict(), plan_fingerprint=plan.fingerprint())
 
 
-def prepare_store(config: HarvestConfig) -> tuple[str, ShardPlan, dict]:
-    """Resolve the hook, plan the corpus, and create or check the store's manifest."""
+def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan]:
+    """Resolve the hook points, plan the corpus, and create or check each store's manifest.
+
+    Returns {hook name: store URL} in the order the hooks were given, and the plan they share."""
     hf_config, tokenizer = load_config_and_tokenizer(config.model)
     model_facts = describe_model(config, hf_config, tokenizer)
-    hook = parse_hook(config.hook, model_facts["n_layers"])
+    hooks = parse_hooks(config.hook, model_facts["n_layers"])
     # An unresolvable hook (an architecture without the sub-module) fails here, not in every actor.
-    hook_module(model_skeleton(hf_config, config.model.trust_remote_code), hook)
+    skeleton = model_skeleton(hf_config, config.model.trust_remote_code)
+    for hook in hooks:
+        hook_module(skeleton, hook)
     plan = plan_shards(config.corpus, config.storage_options)  # before anything is written
     run = Run(config.run, config.storage_options)
     storage.check_writable(run.fs, run.root, config.run)
-    url = run.store_url(hook.name)
-    wanted = build_manifest(config, model_facts, hook.name, plan)
-    if create_or_check_manifest(url, wanted, config.overwrite, config.storage_options):
-        log.warning("replaced the store at %s (--overwrite): it was made with a different configuration", url)
-    return url, plan, wanted
+    urls = {}
+    for hook in hooks:
+        url = urls[hook.name] = run.store_url(hook.name)
+        wanted = build_manifest(config, model_facts, hook.name, plan)
+        if create_or_check_manifest(url, wanted, config.overwrite, config.storage_options):
+            log.warning("replaced the store at %s (--overwrite): it was made with a different configuration", url)
+    return urls, plan
 
 
 def remove_orphans(store: ActivationStore) -> int:
@@ -127,8 +135,9 @@ class HarvestWorker:
         self.plan = ShardPlan.from_dict(plan_values)
         self.harvester = Harvester(self.config)
 
-    def process_shard(self, shard_index: int) -> dict:
-        return dataclasses.asdict(self.harvester.process_shard(self.plan, shard_index))
+    def process_shard(self, shard_index: int, hook_names: list[str]) -> dict:
+        records = self.harvester.process_shard(self.plan, shard_index, hook_names)
+        return {name: dataclasses.asdict(record) for name, record in records.items()}
 
     def progress(self) -> dict:
         return {**self.harvester.progress, "pid": os.getpid()}
@@ -144,46 +153,52 @@ def _resources(config: HarvestConfig) -> dict:
 
 
 def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | None = None) -> HarvestSummary:
-    """Harvest every shard without a commit record; returns what was done."""
+    """Harvest every shard some store lacks a commit record for; returns what was done."""
 
     config.validate()
     started = time.monotonic()
-    url, plan, manifest = prepare_store(config)
-    config = dataclasses.replace(config, hook=manifest["hook"])  # actors get the resolved layer
-    store = ActivationStore(url, config.storage_options)
-    orphans_removed = remove_orphans(store)
-    committed = {c.shard for c in store.commits(refresh=True)}
-    pending = [i for i in range(len(plan.shards)) if i not in committed]
-    log.info("store %s: %d shards planned, %d committed, %d to do", url, len(plan.shards), len(committed), len(pending))
+    urls, plan = prepare_stores(config)
+    config = dataclasses.replace(config, hook=",".join(urls))  # actors get the resolved layers
+    stores = {name: ActivationStore(url, config.storage_options) for name, url in urls.items()}
+    orphans_removed = sum(remove_orphans(store) for store in stores.values())
+    committed = {name: {c.shard for c in store.commits(refresh=True)} for name, store in stores.items()}
+    # Per shard, the hook points whose store still lacks it (a crash between two commits of one
+    # shard leaves some stores with it and some without).
+    work = {shard: [name for name in urls if shard not in committed[name]] for shard in range(len(plan.shards))}
+    work = {shard: names for shard, names in work.items() if names}
+    skipped = len(plan.shards) - len(work)
+    log.info("%d store(s) (%s): %d shards planned, %d committed in every store, %d to do", len(urls),
+             ", ".join(urls), len(plan.shards), skipped, len(work))
     restarts = tokens_done = 0
-    if pending and config.workers.actors == 0:
-        tokens_done = _run_inline(config, plan, pending)
-    elif pending:
+    if work and config.workers.actors == 0:
+        tokens_done = _run_inline(config, plan, work)
+    elif work:
         ensure_ray(config.ray.address, config.ray.num_cpus)
-        restarts, tokens_done = _run_pool(config, plan, pending, on_progress)
-    summary = finish(config, url, plan, len(committed), started, orphans_removed, restarts, tokens_done)
+        restarts, tokens_done = _run_pool(config, plan, work, on_progress)
+    summary = finish(config, stores, plan, skipped, started, orphans_removed, restarts, tokens_done)
     record_run_config(config)
     return summary
 
 
-def _run_inline(config: HarvestConfig, plan: ShardPlan, pending: list[int]) -> int:
+def _run_inline(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]]) -> int:
     """``workers.actors: 0``: every shard in this process, no Ray (debugging, profiling, tests)."""
     from lexica.harvest.harvester import Harvester
 
     harvester = Harvester(config)
-    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in pending)
+    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in work)
     progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
     tokens = documents = 0
-    for shard in pending:
-        tokens += harvester.process_shard(plan, shard).rows
+    for shard, names in work.items():
+        records = harvester.process_shard(plan, shard, names)
+        tokens += next(iter(records.values())).rows
         documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
-        progress.update(documents, tokens, final=shard == pending[-1])
+        progress.update(documents, tokens, final=shard == max(work))
     return tokens
 
 
-def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
+def _run_pool(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]],
               on_progress: Callable[[dict], None] | None) -> tuple[int, int]:
-    """Run ``pending`` shards on a pool of actors; returns (actor restarts, tokens harvested)."""
+    """Run the shards of ``work`` on a pool of actors; returns (actor restarts, tokens harvested)."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
@@ -197,11 +212,11 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
     def new_actor():
         return actor_class.options(**options).remote(config_values, plan_values, threads)
 
-    queue = list(pending)
-    attempts = {i: 0 for i in pending}
+    queue = list(work)
+    attempts = {i: 0 for i in work}
     actors = [new_actor() for _ in range(min(config.workers.actors, len(queue)))]
     running: dict = {}  # future → (actor, shard)
-    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in pending)
+    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in work)
     progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
     finished_tokens = finished_documents = 0
     restarts = 0
@@ -211,12 +226,13 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
             while queue and idle:
                 actor, shard = idle.pop(), queue.pop(0)
                 attempts[shard] += 1
-                running[actor.process_shard.options(concurrency_group="compute").remote(shard)] = (actor, shard)
+                future = actor.process_shard.options(concurrency_group="compute").remote(shard, work[shard])
+                running[future] = (actor, shard)
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for future in done:
                 actor, shard = running.pop(future)
                 try:
-                    record = ray.get(future)
+                    records = ray.get(future)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
                     if getattr(error, "actor_init_failed", False):  # would fail the same way again
                         raise HarvestError(f"a harvest actor failed to start: {_last_line(error)}") from error
@@ -233,7 +249,7 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, pending: list[int],
                 except RayTaskError as error:
                     cause = error.cause if getattr(error, "cause", None) is not None else error
                     raise cause from None
-                finished_tokens += record["rows"]
+                finished_tokens += next(iter(records.values()))["rows"]
                 finished_documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
                 idle.append(actor)
             snapshot = _snapshot(running, plan, finished_tokens, finished_documents)
@@ -296,36 +312,43 @@ def with_suppressed_kill(actor) -> None:
         pass
 
 
-def finish(config: HarvestConfig, url: str, plan: ShardPlan, skipped: int, started: float,
-           orphans_removed: int, restarts: int, tokens_done: int) -> HarvestSummary:
-    """Merge commit statistics into the manifest once every shard is committed."""
-    store = ActivationStore(url, config.storage_options)
-    commits = store.commits(refresh=True)
-    if len(commits) != len(plan.shards):
-        missing = sorted(set(range(len(plan.shards))) - {c.shard for c in commits})
-        raise HarvestError(f"{len(missing)} shard(s) not committed: {missing[:10]}")
-    statistics = merge_statistics(commits)
-    mark_complete(store, statistics)
+def finish(config: HarvestConfig, stores: dict[str, ActivationStore], plan: ShardPlan, skipped: int,
+           started: float, orphans_removed: int, restarts: int, tokens_done: int) -> HarvestSummary:
+    """Merge each store's commit statistics into its manifest once every shard is committed there."""
+    merged = {}
+    for name, store in stores.items():
+        commits = store.commits(refresh=True)
+        if len(commits) != len(plan.shards):
+            missing = sorted(set(range(len(plan.shards))) - {c.shard for c in commits})
+            raise HarvestError(f"{len(missing)} shard(s) not committed in {store.url}: {missing[:10]}")
+        merged[name] = merge_statistics(commits)
+        mark_complete(store, merged[name])
     seconds = time.monotonic() - started
-    total_bytes = statistics.get("bytes", 0)
-    rows = statistics["rows"]
+    first = next(iter(merged.values()))
+    d_model = next(iter(stores.values())).d_model
+    rows = first["rows"]
+    total_bytes = sum(statistics.get("bytes", 0) for statistics in merged.values())
     return HarvestSummary(
-        store_url=url, shards_total=len(plan.shards), shards_skipped=skipped, shards_done=len(plan.shards) - skipped,
-        documents=statistics["documents"], tokens=rows, bytes=total_bytes,
-        bytes_per_element=total_bytes / (rows * store.d_model) if rows else 0.0, seconds=seconds,
+        store_url=next(iter(stores.values())).url, stores=[store.url for store in stores.values()],
+        shards_total=len(plan.shards), shards_skipped=skipped, shards_done=len(plan.shards) - skipped,
+        documents=first["documents"], tokens=rows, bytes=total_bytes,
+        bytes_per_element=total_bytes / (rows * d_model * len(stores)) if rows else 0.0, seconds=seconds,
         tokens_per_second=tokens_done / seconds if seconds else 0.0, orphans_removed=orphans_removed,
-        invalid_utf8_documents=statistics.get("invalid_utf8_documents", 0),
-        empty_documents=statistics.get("empty_documents", 0), actor_restarts=restarts)
+        invalid_utf8_documents=first.get("invalid_utf8_documents", 0),
+        empty_documents=first.get("empty_documents", 0), actor_restarts=restarts)
 
 
 def format_summary(summary: HarvestSummary) -> str:
+    stores = summary.store_url if len(summary.stores) == 1 else (
+        f"{len(summary.stores)} stores\n" + "\n".join(f"  store      {url}" for url in summary.stores))
     return "\n".join([
-        f"harvest finished: {summary.store_url}",
+        f"harvest finished: {stores}",
         f"  shards     {summary.shards_total} ({summary.shards_done} harvested now, "
         f"{summary.shards_skipped} already committed)",
         f"  documents  {summary.documents:,}  (empty skipped {summary.empty_documents}, invalid UTF-8 skipped "
         f"{summary.invalid_utf8_documents})",
-        f"  tokens     {summary.tokens:,}  ({human(summary.tokens_per_second)} tok/s this run)",
+        f"  tokens     {summary.tokens:,}{' per store' if len(summary.stores) > 1 else ''}  "
+        f"({human(summary.tokens_per_second)} tok/s this run)",
         f"  bytes      {summary.bytes:,}  ({summary.bytes_per_element:.3f} bytes per activation element)",
         f"  time       {duration(summary.seconds)}  (actor restarts {summary.actor_restarts}, "
         f"orphans removed {summary.orphans_removed})",

@@ -1,9 +1,11 @@
 """Hook points named the same way for every architecture, and a forward pass that stops there.
 
 ``resid_post.L`` is the output of decoder block L, ``resid_pre.L`` its input, ``mlp_out.L`` and
-``attn_out.L`` the outputs of its MLP and attention sub-modules. Capturing raises ``_StopForward``
-from the hook, so no layer after the hooked one runs; the blocks after it are also dropped from
-memory by :func:`prune_after`.
+``attn_out.L`` the outputs of its MLP and attention sub-modules, ``mlp_in.L`` the MLP's input (after
+the block's pre-MLP norm, so a transcoder can map ``mlp_in.L`` to ``mlp_out.L``). One forward pass
+captures any number of hook points and raises ``_StopForward`` once the last of them is reached, so
+no layer after the deepest runs; the blocks after it are also dropped from memory by
+:func:`prune_after`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 
 from lexica.errors import LexicaError
 
-HOOK_KINDS = ("resid_post", "resid_pre", "mlp_out", "attn_out")
+HOOK_KINDS = ("resid_post", "resid_pre", "mlp_in", "mlp_out", "attn_out")
+# Captured from a forward *pre*-hook (the module's input) rather than from its output.
+INPUT_KINDS = ("resid_pre", "mlp_in")
 # Where decoder blocks live, by architecture family (checked in order on the loaded module).
 BLOCK_PATHS = ("layers", "h", "model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                "decoder.layers", "language_model.layers", "model.language_model.layers", "blocks")
@@ -54,6 +58,33 @@ def parse_hook(spec: str, n_layers: int) -> HookPoint:
     return HookPoint(kind, layer)
 
 
+def parse_hooks(spec: str, n_layers: int) -> list[HookPoint]:
+    """Many hook points: a comma-separated list whose layers may also be ranges or ``all``.
+
+    ``resid_post.5,mlp_out.15`` → two; ``resid_post.0-29`` → 30; ``mlp_in.all,mlp_out.all`` → one of
+    each kind per block. Duplicates are dropped; the order is as written (ranges ascending).
+    """
+    hooks: list[HookPoint] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            raise HookError(f"empty hook point in {spec!r}; expected KIND.LAYER[,KIND.LAYER...]")
+        kind, _, layers = item.rpartition(".")
+        if layers == "all":
+            expanded = [f"{kind}.{layer}" for layer in range(n_layers)]
+        elif match := re.fullmatch(r"(\d+)-(\d+)", layers):
+            first, last = int(match.group(1)), int(match.group(2))
+            if first > last:
+                raise HookError(f"hook range {item!r} runs backwards; expected FIRST-LAST with FIRST <= LAST")
+            expanded = [f"{kind}.{layer}" for layer in range(first, last + 1)]
+        else:
+            expanded = [item]
+        for name in expanded:
+            hook = parse_hook(name, n_layers)
+            if hook not in hooks:
+                hooks.append(hook)
+    return hooks
+
+
 def find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """(owner module, attribute name, ModuleList) of the decoder blocks."""
     for dotted in BLOCK_PATHS:
@@ -78,7 +109,7 @@ def hook_module(model: nn.Module, hook: HookPoint) -> nn.Module:
     block = find_blocks(model)[2][hook.layer]
     if hook.kind in ("resid_post", "resid_pre"):
         return block
-    names = MLP_NAMES if hook.kind == "mlp_out" else ATTENTION_NAMES
+    names = MLP_NAMES if hook.kind in ("mlp_in", "mlp_out") else ATTENTION_NAMES
     for name in names:
         if isinstance(getattr(block, name, None), nn.Module):
             return getattr(block, name)
@@ -86,11 +117,12 @@ def hook_module(model: nn.Module, hook: HookPoint) -> nn.Module:
                     f"(looked for {', '.join(names)}; it has {[n for n, _ in block.named_children()]})")
 
 
-def prune_after(model: nn.Module, hook: HookPoint) -> None:
-    """Drop the blocks after the hooked one: they never run, so they need not hold memory."""
+def prune_after(model: nn.Module, hook: HookPoint | list[HookPoint]) -> None:
+    """Drop the blocks after the deepest hooked one: they never run, so they need not hold memory."""
+    deepest = max(h.layer for h in (hook if isinstance(hook, list) else [hook]))
     owner, attribute, blocks = find_blocks(model)
-    if len(blocks) > hook.layer + 1:
-        setattr(owner, attribute, nn.ModuleList(list(blocks)[: hook.layer + 1]))
+    if len(blocks) > deepest + 1:
+        setattr(owner, attribute, nn.ModuleList(list(blocks)[: deepest + 1]))
 
 
 class _StopForward(Exception):
@@ -106,37 +138,49 @@ def first_tensor(value: object) -> torch.Tensor:
 
 
 class Capture:
-    """Run ``model`` on a batch and return the hook point's activations, stopping right there.
+    """Run ``model`` on a batch and return hook points' activations, stopping after the last one.
 
-    ``Capture(model, hook)(input_ids=...)`` → tensor [batch, seq, d_model].
+    ``Capture(model, hook)(input_ids=...)`` → tensor [batch, seq, d_model];
+    ``Capture(model, [hooks...])(input_ids=...)`` → {hook name: tensor}. ``transform`` (e.g. keep the
+    real tokens, cast to the stored dtype, move to the CPU) runs inside the hook, so only its result
+    is kept: the full hidden states of many hook points never pile up together.
     """
 
-    def __init__(self, model: nn.Module, hook: HookPoint):
+    def __init__(self, model: nn.Module, hooks: HookPoint | list[HookPoint]):
         self.model = model
-        self.module = hook_module(model, hook)
-        self.pre = hook.kind == "resid_pre"
-        self._captured: torch.Tensor | None = None
+        self.single = isinstance(hooks, HookPoint)
+        self.hooks = [hooks] if self.single else list(hooks)
+        if not self.hooks:
+            raise HookError("no hook point to capture")
+        self.modules = [hook_module(model, hook) for hook in self.hooks]
+        self._captured: dict[str, torch.Tensor] = {}
 
-    def _on_forward(self, module, args, kwargs, output=None):
-        if self.pre:
-            value = args[0] if args else kwargs.get("hidden_states")
-        else:
-            value = output
-        self._captured = first_tensor(value)
-        raise _StopForward
+    def _callback(self, hook: HookPoint, transform):
+        def on_forward(module, args, kwargs, output=None):
+            value = (args[0] if args else kwargs.get("hidden_states")) if hook.kind in INPUT_KINDS else output
+            tensor = first_tensor(value)
+            self._captured[hook.name] = transform(tensor) if transform is not None else tensor
+            if len(self._captured) == len(self.hooks):
+                raise _StopForward
+        return on_forward
 
-    def __call__(self, **model_inputs) -> torch.Tensor:
-        if self.pre:
-            handle = self.module.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        else:
-            handle = self.module.register_forward_hook(self._on_forward, with_kwargs=True)
+    def __call__(self, transform=None, **model_inputs) -> torch.Tensor | dict[str, torch.Tensor]:
+        handles = []
+        for hook, module in zip(self.hooks, self.modules, strict=True):
+            callback = self._callback(hook, transform)
+            if hook.kind in INPUT_KINDS:
+                handles.append(module.register_forward_pre_hook(callback, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(callback, with_kwargs=True))
         try:
             self.model(**model_inputs, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        captured, self._captured = self._captured, None
-        if captured is None:
-            raise HookError("the forward pass finished without reaching the hook point")
-        return captured
+            for handle in handles:
+                handle.remove()
+        captured, self._captured = self._captured, {}
+        missing = [hook.name for hook in self.hooks if hook.name not in captured]
+        if missing:
+            raise HookError(f"the forward pass finished without reaching hook point(s) {', '.join(missing)}")
+        return captured[self.hooks[0].name] if self.single else captured

@@ -110,8 +110,12 @@ class Run:
                       if storage.exists(self.fs, storage.join(folder, name, "manifest.json")))
 
     def harvested_hook(self) -> str:
-        """The hook of the run's harvest: run.yaml's record (with 'middle' resolved), else the only store."""
+        """The hook of the run's harvest: run.yaml's record (with 'middle' resolved; an error when the
+        harvest wrote several stores), else the only store."""
         hook = (self.records().get("harvest") or {}).get("hook")
+        if hook and "," in hook:
+            raise RunError(f"{self.url}'s harvest wrote {hook.count(',') + 1} stores ({hook}); "
+                           "name one hook (--hook) or store (--store)")
         if hook:
             return hook
         hooks = self.hooks()

@@ -256,7 +256,7 @@ def test_parquet_without_text_column(tmp_path, llama):
 
 @pytest.mark.parametrize(("hook", "message"), [
     ("residual.1", r"unknown hook point 'residual\.1'; expected KIND\.LAYER with KIND one of resid_post, "
-                   r"resid_pre, mlp_out, attn_out and LAYER in 0\.\.3 or 'middle'"),
+                   r"resid_pre, mlp_in, mlp_out, attn_out and LAYER in 0\.\.3 or 'middle'"),
     ("resid_post.4", r"layer 4 of hook 'resid_post\.4' is out of range: this model has 4 blocks, "
                      r"valid layers are 0\.\.3"),
     ("mlp_out.-5", r"layer -5 of hook 'mlp_out\.-5' is out of range: .* valid layers are 0\.\.3"),
