@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from lexica.harvest.cli import build_parser, resolve_config
-from lexica.harvest.corpus import plan_shards, read_shard
+from lexica.harvest.corpus import iter_documents, plan_shards
 from lexica.harvest.pool import run_harvest
 from lexica.hooks import parse_hook
 from lexica.store import ActivationStore
@@ -102,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = plan_shards(config.corpus)
-    texts = [text for shard in range(len(plan.shards)) for _, text in read_shard(plan, shard, config.corpus).documents]
+    texts = [text for _, text in iter_documents(plan, config.corpus)]
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     layer = parse_hook(config.hook, AutoConfig.from_pretrained(config.model.path).num_hidden_layers).layer
     batches, tokens = plain_batches(tokenizer, texts, config.context_length, config.batch_tokens)

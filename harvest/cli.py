@@ -17,6 +17,7 @@ FLAG_TARGETS = {  # flag → dotted config field it sets
     "batch_tokens": "batch_tokens", "bos": "bos", "actors": "workers.actors",
     "cpus_per_actor": "workers.cpus_per_actor", "gpus_per_actor": "workers.gpus_per_actor",
     "torch_threads": "workers.torch_threads", "docs_per_shard": "corpus.docs_per_shard",
+    "shard_tokens": "corpus.shard_tokens", "max_tokens": "corpus.max_tokens",
     "max_documents": "corpus.max_documents", "text_field": "corpus.text_field", "dataset": "corpus.dataset",
     "split": "corpus.split", "ray_address": "ray.address",
 }
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", nargs="+", default=None,
                         help="corpus files/folders/globs, or one Hugging Face datasets name")
     parser.add_argument("--overwrite", action="store_true", default=None, help=helps["overwrite"])
+    parser.add_argument("--streaming", action="store_true", default=None, help=helps["corpus.streaming"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config field, e.g. --set corpus.invalid_utf8=fail (YAML value)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_file_spec(spec: str) -> bool:
     return os.path.exists(spec) or "://" in spec or any(c in spec for c in "*?[") or \
-        spec.endswith((".txt", ".jsonl", ".parquet"))
+        spec.endswith((".txt", ".jsonl", ".parquet", ".gz", ".zst"))
 
 
 def resolve_config(args: argparse.Namespace) -> HarvestConfig:
@@ -66,6 +68,8 @@ def resolve_config(args: argparse.Namespace) -> HarvestConfig:
         values["hook"] = ",".join(f"{kind}.{layer}" for kind in kinds for layer in layers)
     if args.overwrite:
         values["overwrite"] = True
+    if args.streaming:
+        assign_dotted(HarvestConfig, values, "corpus.streaming", True)
     apply_overrides(HarvestConfig, values, args, {}, args.set)
     return from_dict(HarvestConfig, values, "harvest").validate()
 

@@ -14,13 +14,19 @@ from lexica.models import ModelConfig
 
 @dataclass
 class CorpusConfig:
-    paths: list[str] = knob([], "corpus files, folders or globs (.txt, .jsonl, .parquet; any fsspec URL)")
+    paths: list[str] = knob([], "corpus files, folders or globs (.txt, .jsonl, .parquet, .txt.gz, .jsonl.gz, "
+                            ".jsonl.zst, .txt.zst; any fsspec URL)")
     dataset: str | None = knob(None, "a Hugging Face datasets name or saved-dataset folder, instead of paths")
     dataset_config: str | None = knob(None, "datasets configuration name")
     split: str = knob("train", "datasets split")
     text_field: str = knob("text", "field/column holding the document text (.jsonl, .parquet, datasets)")
-    docs_per_shard: int = knob(64, "documents per shard: the unit of work, commit and resume")
+    streaming: bool = knob(False, "read the dataset as a stream (datasets' streaming mode): no length needed")
+    shard_tokens: int | None = knob(None, "tokens per shard, the unit of work, commit and resume; long documents "
+                                    "are split between shards at window boundaries (default: the corpus's "
+                                    "estimated tokens / 64, within 16k..1M)")
+    docs_per_shard: int | None = knob(None, "documents per shard instead of shard_tokens")
     max_documents: int | None = knob(None, "use only the first N documents of the corpus")
+    max_tokens: int | None = knob(None, "use only the first N tokens of the corpus (the last document is cut)")
     invalid_utf8: str = knob("skip", "a document that is not valid UTF-8: skip (counted, logged) or fail")
 
 
@@ -77,7 +83,16 @@ class HarvestConfig:
             (self.corpus.invalid_utf8 in ("skip", "fail"), "corpus.invalid_utf8", "skip or fail"),
             (self.context_length >= 2, "context_length", "an integer >= 2"),
             (self.batch_tokens >= self.context_length, "batch_tokens", f">= context_length ({self.context_length})"),
-            (self.corpus.docs_per_shard >= 1, "corpus.docs_per_shard", ">= 1"),
+            (self.corpus.docs_per_shard is None or self.corpus.docs_per_shard >= 1, "corpus.docs_per_shard",
+             ">= 1"),
+            (self.corpus.shard_tokens is None or self.corpus.shard_tokens >= self.context_length,
+             "corpus.shard_tokens", f">= context_length ({self.context_length})"),
+            (self.corpus.shard_tokens is None or self.corpus.docs_per_shard is None, "corpus.shard_tokens",
+             "unset when corpus.docs_per_shard is set (give one)"),
+            (self.corpus.max_tokens is None or self.corpus.max_tokens >= 1, "corpus.max_tokens", ">= 1"),
+            (self.corpus.max_documents is None or self.corpus.max_documents >= 1, "corpus.max_documents", ">= 1"),
+            (not self.corpus.streaming or bool(self.corpus.dataset), "corpus.streaming",
+             "false for corpus files (compressed files are streamed anyway); true needs corpus.dataset"),
             (self.workers.actors >= 0, "workers.actors", ">= 1 (or 0: run in this process without Ray)"),
             (self.workers.max_attempts >= 1, "workers.max_attempts", ">= 1"),
             (self.row_group_mb >= 1, "row_group_mb", ">= 1"),

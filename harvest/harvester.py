@@ -18,7 +18,7 @@ from lexica.config import ConfigError
 from lexica.errors import FailedError
 from lexica.harvest import packing
 from lexica.harvest.config import HarvestConfig
-from lexica.harvest.corpus import ShardPlan, read_shard
+from lexica.harvest.corpus import ShardDocuments, ShardPlan, read_shard
 from lexica.hooks import Capture, HookPoint, count_blocks, parse_hooks, prune_after
 from lexica.models import LoadedModel, load_model
 from lexica.run import store_url
@@ -105,16 +105,22 @@ class Harvester:
         capture = Capture(self.model, hooks)
         return capture(transform=stored_rows, input_ids=torch.from_numpy(input_ids).to(device))
 
-    def process_shard(self, plan: ShardPlan, shard_index: int, hook_names: list[str] | None = None) -> dict:
+    def process_shard(self, plan: ShardPlan, shard_index: int, hook_names: list[str] | None = None,
+                      shard: ShardDocuments | None = None) -> dict:
         """Harvest one shard into the stores of ``hook_names`` (default: every hook point); returns
-        each hook's commit record."""
+        each hook's commit record. ``shard`` carries a streamed shard's tokens (an indexed plan's
+        shard is read from storage here)."""
         started = time.perf_counter()
         hooks = [h for h in self.hooks if hook_names is None or h.name in hook_names]
         self.progress.update(shard=shard_index, shard_tokens=0, shard_documents=0, shard_windows=0,
                              shard_windows_done=0)
-        shard = read_shard(plan, shard_index, self.config.corpus, self.config.storage_options)
-        doc_tokens = packing.tokenize(self.tokenizer, shard.documents)
-        windows = packing.split_windows(doc_tokens, self.window_tokens)
+        if shard is None:
+            shard = read_shard(plan, shard_index, self.config.corpus, self.config.storage_options)
+            doc_tokens = packing.tokenize(self.tokenizer, shard.documents)
+            pieces = packing.document_pieces(doc_tokens, shard.windows, self.window_tokens)
+        else:
+            pieces = shard.pieces
+        windows = packing.piece_windows(pieces, self.window_tokens)
         writers = {}
         try:
             for hook in hooks:
@@ -127,12 +133,14 @@ class Harvester:
             for writer in writers.values():
                 writer.abort()
             raise
-        doc_ids = [doc_id for doc_id, ids in doc_tokens if len(ids)]
-        first_doc, end_doc = plan.doc_range(shard_index)
+        stored = [piece.doc_id for piece in pieces if len(piece.token_ids)]
+        # A document split between shards counts where its first window is; so do skipped ones.
+        empty = sum(1 for piece in pieces if not len(piece.token_ids) and piece.start == 0)
+        first_doc, end_doc = (plan.doc_range(shard_index) if plan.shards else (0, 1))
         details = dict(
-            documents=len(doc_ids), empty_documents=shard.empty + sum(1 for _, ids in doc_tokens if not len(ids)),
-            invalid_utf8_documents=shard.invalid_utf8, windows=len(windows),
-            doc_id_min=min(doc_ids, default=first_doc), doc_id_max=max(doc_ids, default=end_doc - 1),
+            documents=sum(1 for piece in pieces if len(piece.token_ids) and piece.start == 0),
+            empty_documents=shard.empty + empty, invalid_utf8_documents=shard.invalid_utf8, windows=len(windows),
+            doc_id_min=min(stored, default=first_doc), doc_id_max=max(stored, default=end_doc - 1),
             seconds=round(time.perf_counter() - started, 3))
         # Every part is finished before the first commit record is written, so a crash leaves
         # either whole commits or none per store; a shard counts as done once every store has it.

@@ -28,13 +28,44 @@ def tokenize(tokenizer, documents: list[tuple[int, str]]) -> list[tuple[int, np.
     return [(doc_id, np.asarray(ids, dtype=np.int32)) for (doc_id, _), ids in zip(documents, encoded, strict=True)]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive tokens of one document, starting at a window boundary: the whole document, or
+    the part of a long one that one shard holds."""
+
+    doc_id: int
+    start: int  # position of the first token in its document
+    token_ids: np.ndarray  # int32
+    last: bool  # whether the piece ends its document
+
+
 def split_windows(doc_tokens: list[tuple[int, np.ndarray]], window_tokens: int) -> list[Window]:
+    """Windows of whole documents."""
+    return piece_windows([Piece(doc_id, 0, ids, True) for doc_id, ids in doc_tokens], window_tokens)
+
+
+def piece_windows(pieces: list[Piece], window_tokens: int) -> list[Window]:
     windows = []
-    for doc_id, ids in doc_tokens:
-        for start in range(0, len(ids), window_tokens):
-            windows.append(Window(doc_id, start, ids[start:start + window_tokens],
-                                  last=start + window_tokens >= len(ids)))
+    for piece in pieces:
+        ids = piece.token_ids
+        for offset in range(0, len(ids), window_tokens):
+            windows.append(Window(piece.doc_id, piece.start + offset, ids[offset:offset + window_tokens],
+                                  last=piece.last and offset + window_tokens >= len(ids)))
     return windows
+
+
+def document_pieces(doc_tokens: list[tuple[int, np.ndarray]], window_ranges: dict[int, tuple[int, int]],
+                    window_tokens: int) -> list[Piece]:
+    """Pieces of tokenised documents: whole, or the [first, end) windows (end -1: to the end) that
+    ``window_ranges`` names for a document split between shards."""
+    pieces = []
+    for doc_id, ids in doc_tokens:
+        first_window, end_window = window_ranges.get(doc_id, (0, -1))
+        start = first_window * window_tokens
+        end = len(ids) if end_window < 0 else min(len(ids), end_window * window_tokens)
+        if start < end or (start == 0 and not len(ids)):
+            pieces.append(Piece(doc_id, start, ids[start:end], last=end >= len(ids)))
+    return pieces
 
 
 def group_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:

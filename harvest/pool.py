@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lexica import storage
@@ -20,7 +20,8 @@ from lexica.cluster import ensure_ray
 from lexica.config import from_dict, to_dict
 from lexica.errors import FailedError
 from lexica.harvest.config import HarvestConfig
-from lexica.harvest.corpus import ShardPlan, plan_shards
+from lexica.harvest.corpus import ShardDocuments, ShardPlan, plan_shards
+from lexica.harvest.streaming import stream_shards
 from lexica.hooks import hook_module, parse_hooks
 from lexica.models import load_config_and_tokenizer, model_skeleton
 from lexica.progress import Progress, duration, human
@@ -74,17 +75,19 @@ def describe_model(config: HarvestConfig, hf_config, tokenizer) -> dict:
 
 def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, plan: ShardPlan) -> dict:
     corpus = to_dict(config.corpus)
-    corpus.pop("docs_per_shard")  # carried by the plan
+    for carried_by_the_plan in ("docs_per_shard", "shard_tokens"):
+        corpus.pop(carried_by_the_plan)
     return new_manifest(hook=hook_name, d_model=model_facts["d_model"], dtype=config.store_dtype,
                         model=model_facts["model"], tokenizer=model_facts["tokenizer"],
                         context_length=config.context_length, bos_prepended=model_facts["bos"], corpus=corpus,
                         plan=plan.to_dict(), plan_fingerprint=plan.fingerprint())
 
 
-def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan]:
+def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan, object]:
     """Resolve the hook points, plan the corpus, and create or check each store's manifest.
 
-    Returns {hook name: store URL} in the order the hooks were given, and the plan they share."""
+    Returns {hook name: store URL} in the order the hooks were given, the plan they share and the
+    tokenizer (a streamed plan is tokenised by the driver)."""
     hf_config, tokenizer = load_config_and_tokenizer(config.model)
     model_facts = describe_model(config, hf_config, tokenizer)
     hooks = parse_hooks(config.hook, model_facts["n_layers"])
@@ -92,7 +95,8 @@ def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan]:
     skeleton = model_skeleton(hf_config, config.model.trust_remote_code)
     for hook in hooks:
         hook_module(skeleton, hook)
-    plan = plan_shards(config.corpus, config.storage_options)  # before anything is written
+    window_tokens = config.context_length - (1 if model_facts["bos"] else 0)
+    plan = plan_shards(config.corpus, config.storage_options, tokenizer, window_tokens)  # before any write
     run = Run(config.run, config.storage_options)
     storage.check_writable(run.fs, run.root, config.run)
     urls = {}
@@ -101,7 +105,7 @@ def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan]:
         wanted = build_manifest(config, model_facts, hook.name, plan)
         if create_or_check_manifest(url, wanted, config.overwrite, config.storage_options):
             log.warning("replaced the store at %s (--overwrite): it was made with a different configuration", url)
-    return urls, plan
+    return urls, plan, tokenizer
 
 
 def remove_orphans(store: ActivationStore) -> int:
@@ -135,8 +139,8 @@ class HarvestWorker:
         self.plan = ShardPlan.from_dict(plan_values)
         self.harvester = Harvester(self.config)
 
-    def process_shard(self, shard_index: int, hook_names: list[str]) -> dict:
-        records = self.harvester.process_shard(self.plan, shard_index, hook_names)
+    def process_shard(self, shard_index: int, hook_names: list[str], documents: ShardDocuments | None) -> dict:
+        records = self.harvester.process_shard(self.plan, shard_index, hook_names, documents)
         return {name: dataclasses.asdict(record) for name, record in records.items()}
 
     def progress(self) -> dict:
@@ -152,53 +156,85 @@ def _resources(config: HarvestConfig) -> dict:
     return {"num_cpus": config.workers.cpus_per_actor, "num_gpus": gpus}
 
 
+@dataclass
+class ShardTask:
+    shard: int
+    hooks: list[str]  # the hook points whose stores still lack this shard
+    documents: ShardDocuments | None  # a streamed shard's tokens (None: the actor reads its shard)
+    attempts: int = 0
+
+
+class ShardFeed:
+    """The shards still to do, in order: an indexed plan's from its list, a streamed plan's as the
+    driver reads the corpus. ``shards_seen`` counts every shard of the plan met so far."""
+
+    def __init__(self, config: HarvestConfig, plan: ShardPlan, tokenizer, committed: dict[str, set[int]]):
+        self.config, self.plan, self.tokenizer, self.committed = config, plan, tokenizer, committed
+        self.shards_seen = 0
+        self.pending = None if plan.streamed else sum(1 for i in range(len(plan.shards)) if self._missing(i))
+
+    def _missing(self, shard: int) -> list[str]:
+        # A crash between two commits of one shard leaves some stores with it and some without.
+        return [name for name, shards in self.committed.items() if shard not in shards]
+
+    def __iter__(self) -> Iterator[ShardTask]:
+        if self.plan.streamed:
+            shards = stream_shards(self.plan, self.config.corpus, self.tokenizer, self.config.storage_options)
+        else:
+            shards = ((index, None) for index in range(len(self.plan.shards)))
+        for index, documents in shards:
+            self.shards_seen = index + 1
+            if missing := self._missing(index):
+                yield ShardTask(index, missing, documents)
+
+
 def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | None = None) -> HarvestSummary:
     """Harvest every shard some store lacks a commit record for; returns what was done."""
 
     config.validate()
     started = time.monotonic()
-    urls, plan = prepare_stores(config)
+    urls, plan, tokenizer = prepare_stores(config)
     config = dataclasses.replace(config, hook=",".join(urls))  # actors get the resolved layers
     stores = {name: ActivationStore(url, config.storage_options) for name, url in urls.items()}
     orphans_removed = sum(remove_orphans(store) for store in stores.values())
     committed = {name: {c.shard for c in store.commits(refresh=True)} for name, store in stores.items()}
-    # Per shard, the hook points whose store still lacks it (a crash between two commits of one
-    # shard leaves some stores with it and some without).
-    work = {shard: [name for name in urls if shard not in committed[name]] for shard in range(len(plan.shards))}
-    work = {shard: names for shard, names in work.items() if names}
-    skipped = len(plan.shards) - len(work)
-    log.info("%d store(s) (%s): %d shards planned, %d committed in every store, %d to do", len(urls),
-             ", ".join(urls), len(plan.shards), skipped, len(work))
-    restarts = tokens_done = 0
-    if work and config.workers.actors == 0:
-        tokens_done = _run_inline(config, plan, work)
-    elif work:
+    feed = ShardFeed(config, plan, tokenizer, committed)
+    log.info("%d store(s) (%s): %s", len(urls), ", ".join(urls),
+             "a streamed plan (shards are cut while the corpus is read)" if plan.streamed else
+             f"{len(plan.shards)} shards planned, {feed.pending} to do")
+    if config.workers.actors == 0:
+        shards_done, restarts, tokens_done = _run_inline(config, plan, feed)
+    elif feed.pending != 0:
         ensure_ray(config.ray.address, config.ray.num_cpus)
-        restarts, tokens_done = _run_pool(config, plan, work, on_progress)
-    summary = finish(config, stores, plan, skipped, started, orphans_removed, restarts, tokens_done)
+        shards_done, restarts, tokens_done = _run_pool(config, plan, feed, on_progress)
+    else:
+        shards_done = restarts = tokens_done = 0
+    shards_total = feed.shards_seen if plan.streamed else len(plan.shards)
+    summary = finish(stores, shards_total, shards_done, started, orphans_removed, restarts, tokens_done)
     record_run_config(config)
     return summary
 
 
-def _run_inline(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]]) -> int:
+def _run_inline(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed) -> tuple[int, int, int]:
     """``workers.actors: 0``: every shard in this process, no Ray (debugging, profiling, tests)."""
     from lexica.harvest.harvester import Harvester
 
-    harvester = Harvester(config)
-    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in work)
-    progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
-    tokens = documents = 0
-    for shard, names in work.items():
-        records = harvester.process_shard(plan, shard, names)
+    harvester = None
+    progress = Progress("harvest", feed.pending, "shards", config.progress_seconds)
+    tokens = shards = 0
+    for task in feed:
+        harvester = harvester or Harvester(config)
+        records = harvester.process_shard(plan, task.shard, task.hooks, task.documents)
         tokens += next(iter(records.values())).rows
-        documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
-        progress.update(documents, tokens, final=shard == max(work))
-    return tokens
+        shards += 1
+        progress.update(shards, tokens)
+    progress.update(shards, tokens, final=True)
+    return shards, 0, tokens
 
 
-def _run_pool(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]],
-              on_progress: Callable[[dict], None] | None) -> tuple[int, int]:
-    """Run the shards of ``work`` on a pool of actors; returns (actor restarts, tokens harvested)."""
+def _run_pool(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed,
+              on_progress: Callable[[dict], None] | None) -> tuple[int, int, int]:
+    """Run the feed's shards on a pool of actors; returns (shards done, actor restarts, tokens)."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
@@ -212,37 +248,44 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]]
     def new_actor():
         return actor_class.options(**options).remote(config_values, plan_values, threads)
 
-    queue = list(work)
-    attempts = {i: 0 for i in work}
-    actors = [new_actor() for _ in range(min(config.workers.actors, len(queue)))]
-    running: dict = {}  # future → (actor, shard)
-    documents_total = sum(plan.doc_range(i)[1] - plan.doc_range(i)[0] for i in work)
-    progress = Progress("harvest", documents_total, "docs", config.progress_seconds)
-    finished_tokens = finished_documents = 0
-    restarts = 0
+    tasks = iter(feed)
+    retry: list[ShardTask] = []  # shards of dead actors, first in line
+    actors = [new_actor() for _ in range(config.workers.actors if feed.pending is None
+                                           else min(config.workers.actors, feed.pending))]
+    running: dict = {}  # future → (actor, task)
+    progress = Progress("harvest", feed.pending, "shards", config.progress_seconds)
+    finished_tokens = shards_done = restarts = 0
     idle = list(actors)
+    exhausted = False
     try:
-        while queue or running:
-            while queue and idle:
-                actor, shard = idle.pop(), queue.pop(0)
-                attempts[shard] += 1
-                future = actor.process_shard.options(concurrency_group="compute").remote(shard, work[shard])
-                running[future] = (actor, shard)
+        while True:
+            while idle and (retry or not exhausted):
+                task = retry.pop(0) if retry else next(tasks, None)
+                if task is None:
+                    exhausted = True
+                    break
+                actor = idle.pop()
+                task.attempts += 1
+                future = actor.process_shard.options(concurrency_group="compute").remote(
+                    task.shard, task.hooks, task.documents)
+                running[future] = (actor, task)
+            if not running:
+                break
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for future in done:
-                actor, shard = running.pop(future)
+                actor, task = running.pop(future)
                 try:
                     records = ray.get(future)
                 except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
                     if getattr(error, "actor_init_failed", False):  # would fail the same way again
                         raise HarvestError(f"a harvest actor failed to start: {_last_line(error)}") from error
-                    if attempts[shard] >= config.workers.max_attempts:
-                        raise HarvestError(f"shard {shard} failed {attempts[shard]} times (actor died: {error}); "
+                    if task.attempts >= config.workers.max_attempts:
+                        raise HarvestError(f"shard {task.shard} failed {task.attempts} times (actor died: {error}); "
                                            "giving up. Committed shards are kept; re-run to retry.") from error
                     log.warning("actor working on shard %d died (%s); re-queueing it on a fresh actor",
-                                shard, type(error).__name__)
+                                task.shard, type(error).__name__)
                     with_suppressed_kill(actor)
-                    queue.insert(0, shard)
+                    retry.append(task)
                     idle.append(new_actor())
                     restarts += 1
                     continue
@@ -250,41 +293,40 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, work: dict[int, list[str]]
                     cause = error.cause if getattr(error, "cause", None) is not None else error
                     raise cause from None
                 finished_tokens += next(iter(records.values()))["rows"]
-                finished_documents += plan.doc_range(shard)[1] - plan.doc_range(shard)[0]
+                shards_done += 1
                 idle.append(actor)
-            snapshot = _snapshot(running, plan, finished_tokens, finished_documents)
+            snapshot = _snapshot(running, finished_tokens, shards_done)
             if on_progress is not None:
                 on_progress(snapshot)
-            progress.update(snapshot["documents"], snapshot["tokens"],
-                            f"shards running {len(running)}, queued {len(queue)} | " + _describe_actors(snapshot))
-        progress.update(finished_documents, finished_tokens, final=True)
+            queued = f"queued {feed.pending - shards_done - len(running)}" if feed.pending is not None else "streaming"
+            progress.update(snapshot["shards"], snapshot["tokens"],
+                            f"shards running {len(running)}, {queued} | " + _describe_actors(snapshot))
+        progress.update(shards_done, finished_tokens, final=True)
     finally:
         for actor in {*idle, *(a for a, _ in running.values())}:
             with_suppressed_kill(actor)
-    return restarts, finished_tokens
+    return shards_done, restarts, finished_tokens
 
 
-def _snapshot(running: dict, plan: ShardPlan, finished_tokens: int, finished_documents: int) -> dict:
+def _snapshot(running: dict, finished_tokens: int, shards_done: int) -> dict:
     """Totals so far: finished shards plus what running actors report for their current shard."""
     import ray
 
-    tokens, documents, actors = finished_tokens, finished_documents, []
-    futures = {actor.progress.options(concurrency_group="progress").remote(): (actor, shard)
-               for actor, shard in running.values()}
+    tokens, shards, actors = finished_tokens, float(shards_done), []
+    futures = {actor.progress.options(concurrency_group="progress").remote(): (actor, task)
+               for actor, task in running.values()}
     ready, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0.5) if futures else ([], [])
     for future in ready:
         try:
             report = ray.get(future)
         except Exception:  # a dying actor: its shard will be re-queued by the loop
             continue
-        actors.append({**report, "shard": futures[future][1]})
+        actors.append({**report, "shard": futures[future][1].shard})
     for report in actors:
         tokens += report["shard_tokens"]
-        # Long documents finish late in a shard: count the shard's share of windows done instead.
-        if report["shard_windows"]:
-            first, end = plan.doc_range(report["shard"])
-            documents += (end - first) * report["shard_windows_done"] / report["shard_windows"]
-    return {"tokens": tokens, "documents": documents, "actors": actors}
+        if report["shard_windows"]:  # the running shard's share of windows done
+            shards += report["shard_windows_done"] / report["shard_windows"]
+    return {"tokens": tokens, "shards": shards, "actors": actors}
 
 
 def _last_line(error: BaseException) -> str:
@@ -312,14 +354,14 @@ def with_suppressed_kill(actor) -> None:
         pass
 
 
-def finish(config: HarvestConfig, stores: dict[str, ActivationStore], plan: ShardPlan, skipped: int,
-           started: float, orphans_removed: int, restarts: int, tokens_done: int) -> HarvestSummary:
+def finish(stores: dict[str, ActivationStore], shards_total: int, shards_done: int, started: float,
+           orphans_removed: int, restarts: int, tokens_done: int) -> HarvestSummary:
     """Merge each store's commit statistics into its manifest once every shard is committed there."""
     merged = {}
     for name, store in stores.items():
         commits = store.commits(refresh=True)
-        if len(commits) != len(plan.shards):
-            missing = sorted(set(range(len(plan.shards))) - {c.shard for c in commits})
+        if len(commits) != shards_total:
+            missing = sorted(set(range(shards_total)) - {c.shard for c in commits})
             raise HarvestError(f"{len(missing)} shard(s) not committed in {store.url}: {missing[:10]}")
         merged[name] = merge_statistics(commits)
         mark_complete(store, merged[name])
@@ -330,7 +372,7 @@ def finish(config: HarvestConfig, stores: dict[str, ActivationStore], plan: Shar
     total_bytes = sum(statistics.get("bytes", 0) for statistics in merged.values())
     return HarvestSummary(
         store_url=next(iter(stores.values())).url, stores=[store.url for store in stores.values()],
-        shards_total=len(plan.shards), shards_skipped=skipped, shards_done=len(plan.shards) - skipped,
+        shards_total=shards_total, shards_skipped=shards_total - shards_done, shards_done=shards_done,
         documents=first["documents"], tokens=rows, bytes=total_bytes,
         bytes_per_element=total_bytes / (rows * d_model * len(stores)) if rows else 0.0, seconds=seconds,
         tokens_per_second=tokens_done / seconds if seconds else 0.0, orphans_removed=orphans_removed,

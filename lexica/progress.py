@@ -41,9 +41,10 @@ def live_bars(stream) -> bool:
 
 
 class Progress:
-    """Reports ``label`` progress: ``update(done_units, tokens, extra, final)`` as often as you like."""
+    """Reports ``label`` progress: ``update(done_units, tokens, extra, final)`` as often as you like.
+    ``total_units`` None: the total is not known (a stream); no ETA is shown."""
 
-    def __init__(self, label: str, total_units: float, unit: str, interval: float = 5.0, stream=None):
+    def __init__(self, label: str, total_units: float | None, unit: str, interval: float = 5.0, stream=None):
         self.label = label
         self.total_units = total_units
         self.unit = unit
@@ -108,8 +109,12 @@ class Progress:
             self._units.popleft()
         span = max(now - first_time, 1e-9)
         unit_rate = (done_units - first_units) / span if now > first_time else 0.0
-        remaining = self.total_units - done_units
-        eta_text = duration(remaining / unit_rate) if unit_rate > 0 else ("0m00s" if remaining <= 0 else "?")
-        line = (f"[{self.label}] {self.unit} {human(done_units)}/{human(self.total_units)} "
+        if self.total_units is None:  # a stream of unknown length
+            eta_text, total_text = ("0m00s" if final else "?"), "?"
+        else:
+            remaining = self.total_units - done_units
+            eta_text = duration(remaining / unit_rate) if unit_rate > 0 else ("0m00s" if remaining <= 0 else "?")
+            total_text = human(self.total_units)
+        line = (f"[{self.label}] {self.unit} {human(done_units)}/{total_text} "
                 f"tokens {human(tokens)}  {human(rate)} tok/s  elapsed {duration(now - self.started)}  ETA {eta_text}")
         return line + (f"  | {extra}" if extra else "")

@@ -289,6 +289,8 @@ def merge_statistics(commits: list[CommitRecord]) -> dict:
         "empty_documents": sum(c.empty_documents for c in commits),
         "invalid_utf8_documents": sum(len(c.invalid_utf8_documents) for c in commits),
         "bytes": sum(c.bytes for c in commits),
+        "shards": len(commits),
+        "doc_id_max": max((c.doc_id_max for c in commits if c.rows), default=-1),
     }
     if rows == 0:
         return counts

@@ -22,7 +22,7 @@ import math
 import torch
 
 from lexica.harvest.config import CorpusConfig
-from lexica.harvest.corpus import plan_shards, read_shard
+from lexica.harvest.corpus import iter_documents, plan_shards
 from lexica.harvest.packing import split_windows, tokenize
 from lexica.hooks import first_tensor, hook_module, parse_hook
 
@@ -35,20 +35,21 @@ def held_out_documents(manifest: dict, paths: list[str], tokens: int, context_le
     documents; about ``tokens`` tokens' worth (estimated at 4 characters per token)."""
     corpus = CorpusConfig(**{key: value for key, value in manifest["corpus"].items()
                              if key in {f.name for f in dataclasses.fields(CorpusConfig)}})
+    unbounded = {"max_documents": None, "max_tokens": None, "docs_per_shard": 1 << 30, "shard_tokens": None}
     if paths:
-        corpus, skip = dataclasses.replace(corpus, paths=list(paths), dataset=None, max_documents=None), 0
-    elif corpus.max_documents is None:
+        corpus, skip = dataclasses.replace(corpus, paths=list(paths), dataset=None, streaming=False, **unbounded), 0
+    elif corpus.max_documents is None and corpus.max_tokens is None:
         return []  # the store holds the whole corpus: nothing is held out
     else:
-        corpus, skip = dataclasses.replace(corpus, max_documents=None), corpus.max_documents
-    corpus = dataclasses.replace(corpus, docs_per_shard=8)
+        # A token budget ends inside some document: hold out the ones after the last stored.
+        last_stored = (manifest.get("statistics") or {}).get("doc_id_max", -1)
+        skip = corpus.max_documents if corpus.max_tokens is None else last_stored + 1
+        corpus = dataclasses.replace(corpus, **unbounded)
     plan = plan_shards(corpus, storage_options)
     documents, characters = [], 0
-    for shard in range(skip // corpus.docs_per_shard, len(plan.shards)):
-        for doc_id, text in read_shard(plan, shard, corpus, storage_options).documents:
-            if doc_id >= skip and characters < 4 * tokens:
-                documents.append((doc_id, text))
-                characters += len(text)
+    for doc_id, text in iter_documents(plan, corpus, storage_options, first_doc=skip):
+        documents.append((doc_id, text))
+        characters += len(text)
         if characters >= 4 * tokens:
             break
     return documents
