@@ -19,7 +19,7 @@ from lexica.analysis.sources import AnalysisError, token_strings
 from lexica.analysis.stats import dictionary_module, on_cpu
 from lexica.models import resolve_device
 from lexica.progress import Progress
-from lexica.store import ActivationStore, CommitRecord, decode_activations
+from lexica.store import ActivationStore, CommitRecord, table_activations
 
 EXAMPLE_COLUMNS = ("feature", "kind", "rank", "band", "activation", "doc_id", "position")
 
@@ -85,13 +85,13 @@ def contexts_of_part(store: ActivationStore, dictionary: torch.nn.Module, commit
     """The window tokens one part holds: flat (example, position, token_id, value) arrays."""
     device = resolve_device(config.device)
     dictionary = dictionary.to(device)
-    table = store.read_part(commit, columns=["doc_id", "position", "token_id", "activation"])
+    table = store.read_part(commit, columns=["doc_id", "position", "token_id", *store.activation_columns])
     part_doc_ids = table.column("doc_id").to_numpy()
     part_positions = table.column("position").to_numpy()
     starts, stops = window_rows(part_doc_ids, part_positions, windows["doc_id"], windows["lowest"],
                                 windows["highest"])
     owners, rows = _expand_ranges(starts, stops)
-    activations = decode_activations(table.column("activation"), store.d_model, store.dtype)
+    activations = table_activations(table, store.d_model, store.dtype)
     values = feature_values(dictionary, activations, rows, windows["feature"][owners], config.batch_rows, device)
     return {"example": windows["example"][owners], "position": part_positions[rows],
             "token_id": table.column("token_id").to_numpy()[rows], "value": values}

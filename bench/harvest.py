@@ -1,14 +1,22 @@
-"""Harvest throughput against plain transformers loops over the same tokens, in one process run.
+"""Harvest throughput against plain transformers loops, many hooks against one, writes to S3 against
+local, and store format v2 against v1: every ratio from one process run.
 
-(a) full model: a plain loop running every block (AutoModelForCausalLM, output_hidden_states)
-(b) truncated: a plain loop that stops after the hooked block and keeps fp16 copies in memory
-(c) Lexica: ``run_harvest`` of the same documents into a local store, in-process (actors: 0)
-    and through the Ray actor pool (actors: 1); for the pool, the steady-state rate is from the
-    commit records' per-shard seconds (read → tokenise → forward → write → commit), and the
-    end-to-end rate includes cluster start-up and model load.
+(a)  full model: a plain loop running every block (AutoModelForCausalLM, output_hidden_states)
+(b)  plain loops that stop after the deepest hooked block (15 for c, 20 for d and e) and keep fp16
+     copies of the real tokens in memory
+(c)  Lexica's Ray actor pool writing one hook (resid_post.15), sized by its defaults, on the long
+     document set; also in-process (actors: 0) on the short set
+(d)  Lexica's pool writing N = 4 hooks (resid_post.5,10,15,20) in one pass
+(e)  the same 4 hooks as 4 separate single-hook harvests
+(s3) (c)'s harvest into a moto S3 server on 127.0.0.1 against a local folder, with the share of
+     the run spent waiting on the writer (commit records' write_wait_seconds)
+(v2) store format v2 against v1: bytes per element, and reading into float32 torch tensors per
+     CPU-second (ActivationStore.iter_batches, from the page cache)
 
-Prints tokens/s for each, the ratios c/b and c/a, and bytes per stored activation element.
-Usage: python bench/harvest.py [--documents 8] [--repeats 1]
+Pool rates are given end to end (cluster start and model load included), as start-up seconds
+(end to end minus the shards' own seconds per actor) and steady (tokens over the shards' seconds
+per actor). Plain loops use the same windows (BOS + context - 1 tokens) and torch threads as the
+pool's actor. Usage: python bench/harvest.py [--documents 20] [--short 4] [--medium 8]
 """
 
 from __future__ import annotations
@@ -21,17 +29,19 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from lexica.harvest.cli import build_parser, resolve_config
+from lexica.harvest.config import HarvestConfig, WorkersConfig
 from lexica.harvest.corpus import iter_documents, plan_shards
 from lexica.harvest.pool import run_harvest
-from lexica.hooks import parse_hook
 from lexica.store import ActivationStore
 
+MANY_HOOKS = "resid_post.5,resid_post.10,resid_post.15,resid_post.20"
 
-def plain_batches(tokenizer, documents: list[str], context: int, batch_tokens: int) -> list[torch.Tensor]:
-    """BOS + 511-token windows, grouped by length into padded batches: the same work (c) does."""
+
+def plain_batches(tokenizer, documents: list[str], context: int, batch_tokens: int) -> tuple[list, int]:
+    """BOS + (context - 1)-token windows, grouped by length into padded batches: (c)'s work."""
     windows = []
     for text in documents:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -45,10 +55,7 @@ def plain_batches(tokenizer, documents: list[str], context: int, batch_tokens: i
             current = []
         current.append(window)
     batches.append(current)
-    padded = []
-    for batch in batches:
-        width = len(batch[0])
-        padded.append(torch.tensor([w + [0] * (width - len(w)) for w in batch]))
+    padded = [torch.tensor([w + [0] * (len(batch[0]) - len(w)) for w in batch]) for batch in batches]
     return padded, sum(len(w) - 1 for w in windows)
 
 
@@ -56,10 +63,9 @@ def plain_batches(tokenizer, documents: list[str], context: int, batch_tokens: i
 def run_full(path: str, batches: list[torch.Tensor], layer: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     started = time.perf_counter()
-    kept = []
     for input_ids in batches:
         states = model(input_ids, output_hidden_states=True).hidden_states
-        kept.append(states[layer + 1][:, 1:].half())
+        states[layer + 1][:, 1:].half()
     return time.perf_counter() - started
 
 
@@ -68,61 +74,150 @@ def run_truncated(path: str, batches: list[torch.Tensor], layer: int) -> float:
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     model.layers = model.layers[: layer + 1]
     started = time.perf_counter()
-    kept = []
     for input_ids in batches:
-        hidden = model(input_ids, use_cache=False).last_hidden_state  # norm applied: same cost class
-        kept.append(hidden[:, 1:].half())
+        hidden = model(input_ids, use_cache=False).last_hidden_state  # its final norm: same cost class
+        hidden[:, 1:].half()
     return time.perf_counter() - started
 
 
-def run_lexica(config, actors: int) -> tuple[float, float, float]:
-    """(end-to-end seconds, summed per-shard seconds, bytes per element)."""
-    run_dir = tempfile.mkdtemp(prefix="lexica-bench-")
+@dataclasses.dataclass
+class Harvested:
+    wall: float
+    startup: float
+    steady_seconds: float  # the shards' own seconds per actor
+    tokens: int
+    bytes_per_element: float
+    write_wait: float  # share of the shards' seconds spent waiting on the writer
+
+
+def run_lexica(config: HarvestConfig, run_url: str | None = None, documents: int | None = None,
+               **changes) -> Harvested:
+    """One harvest into a fresh run folder (a temporary one unless ``run_url``), measured."""
+    folder = None if run_url else tempfile.mkdtemp(prefix="lexica-bench-")
+    corpus = dataclasses.replace(config.corpus, max_documents=documents or config.corpus.max_documents)
+    local = dataclasses.replace(config, run=run_url or folder, corpus=corpus, progress_seconds=1e9, **changes)
     try:
-        local = dataclasses.replace(config, run=run_dir, workers=dataclasses.replace(config.workers, actors=actors),
-                                    progress_seconds=1e9)
         started = time.perf_counter()
         summary = run_harvest(local)
         wall = time.perf_counter() - started
-        shard_seconds = sum(c.seconds for c in ActivationStore(summary.store_url).commits())
-        return wall, shard_seconds, summary.bytes_per_element
+        commits = [c for url in summary.stores for c in ActivationStore(url, local.storage_options).commits()]
+        actors = 1 if not local.workers.actors else local.workers.actors  # None: the default, 1 here
+        total = sum({c.shard: c.seconds for c in commits}.values())  # every store's record of a shard agrees
+        waited = sum(c.write_wait_seconds for c in commits)  # the harvest waits on each store's writer in turn
+        return Harvested(wall, wall - total / actors, total / actors, summary.tokens, summary.bytes_per_element,
+                         waited / max(total, 1e-9))
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_rate(url: str, repeats: int = 3) -> float:
+    """Elements per CPU-second read into float32 tensors (best of ``repeats``; page cache warm)."""
+    store = ActivationStore(url)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms the page cache
+        started = time.process_time()
+        elements = 0
+        for batch in store.iter_batches(batch_rows=16384):
+            values = batch.activation.float()
+            elements += values.numel()
+        best = min(best, time.process_time() - started)
+    return elements / best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="examples/demo.yaml")
-    parser.add_argument("--documents", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--documents", type=int, default=20, help="the long set: (c) on the pool")
+    parser.add_argument("--medium", type=int, default=8, help="the medium set: (d), (e), S3")
+    parser.add_argument("--short", type=int, default=4, help="the short set: (a), (b), in-process, v2")
+    parser.add_argument("--skip", default="", help="comma list of variants to skip: c,d,e,s3,v2")
     args = parser.parse_args()
-    config = resolve_config(build_parser().parse_args(["--config", args.config,
-                                                       "--max-documents", str(args.documents)]))
-    threads = config.workers.torch_threads or max(1, int(config.workers.cpus_per_actor))
-    torch.set_num_threads(threads)
+    skip = set(filter(None, args.skip.split(",")))
+    config = resolve_config(build_parser().parse_args(["--config", args.config, "--hook", "resid_post.15"]))
+    config = dataclasses.replace(config, workers=WorkersConfig())  # the defaults, sized to this machine
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    plan = plan_shards(config.corpus)
-    texts = [text for _, text in iter_documents(plan, config.corpus)]
+    if "s3" not in skip:  # moto's fake credentials, set before Ray starts so its actors inherit them
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    threads = os.cpu_count() or 1  # what the default single actor gets here
+    torch.set_num_threads(threads)
+    short = dataclasses.replace(config.corpus, max_documents=args.short, docs_per_shard=None)
+    texts = [text for _, text in iter_documents(plan_shards(short), short)]
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    layer = parse_hook(config.hook, AutoConfig.from_pretrained(config.model.path).num_hidden_layers).layer
     batches, tokens = plain_batches(tokenizer, texts, config.context_length, config.batch_tokens)
-    print(f"{len(texts)} documents, {tokens:,} tokens, layer {layer}, torch threads {threads}")
-    results: dict[str, list[float]] = {}
-    bytes_per_element = 0.0
-    for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every variant alike
-        results.setdefault("a full model", []).append(tokens / run_full(config.model.path, batches, layer))
-        results.setdefault("b stop at layer", []).append(tokens / run_truncated(config.model.path, batches, layer))
-        wall, shards, bytes_per_element = run_lexica(config, actors=0)
-        results.setdefault("c lexica in-process (end to end)", []).append(tokens / wall)
-        results.setdefault("c lexica in-process (per-shard)", []).append(tokens / shards)
-        wall, shards, _ = run_lexica(config, actors=1)
-        results.setdefault("c lexica ray pool (end to end)", []).append(tokens / wall)
-        results.setdefault("c lexica ray pool (per-shard)", []).append(tokens / shards)
-    best = {name: max(values) for name, values in results.items()}
-    print(f"\n{'variant':36s} {'tokens/s':>10s} {'vs b':>7s} {'vs a':>7s}")
-    for name, rate in best.items():
-        print(f"{name:36s} {rate:10.0f} {rate / best['b stop at layer']:7.2f} {rate / best['a full model']:7.2f}")
-    print(f"\nbytes per stored activation element: {bytes_per_element:.4f} (fp16 target <= 2.05)")
+    print(f"short set: {len(texts)} documents, {tokens:,} tokens; torch threads {threads}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    rate: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    rate["a full model"] = tokens / run_full(config.model.path, batches, 15)
+    rate["b stop after block 15"] = tokens / run_truncated(config.model.path, batches, 15)
+    rate["b stop after block 20"] = tokens / run_truncated(config.model.path, batches, 20)
+    print("plain loops done", flush=True)
+    inline = run_lexica(config, documents=args.short, workers=WorkersConfig(actors=0))
+    rate["c lexica in-process, 1 hook (steady)"] = inline.tokens / inline.steady_seconds
+    if "c" not in skip:
+        pooled = run_lexica(config, documents=args.documents)
+        rate["c lexica pool, 1 hook (end to end)"] = pooled.tokens / pooled.wall
+        rate["c lexica pool, 1 hook (steady)"] = pooled.tokens / pooled.steady_seconds
+        notes["c"] = (f"(c) {pooled.tokens:,} tokens, start-up {pooled.startup:.1f} s = "
+                      f"{pooled.startup / pooled.wall:.1%} of {pooled.wall:.0f} s end to end; "
+                      f"writer wait {pooled.write_wait:.1%}")
+        print(notes["c"], flush=True)
+    if "d" not in skip:
+        many = run_lexica(config, documents=args.medium, hook=MANY_HOOKS)
+        rate["d lexica pool, 4 hooks (end to end)"] = many.tokens / many.wall
+        rate["d lexica pool, 4 hooks (steady)"] = many.tokens / many.steady_seconds
+        notes["d"] = f"(d) {many.tokens:,} tokens, start-up {many.startup:.1f} s, writer wait {many.write_wait:.1%}"
+        print(notes["d"], flush=True)
+        if "e" not in skip:
+            separate = [run_lexica(config, documents=args.medium, hook=hook) for hook in MANY_HOOKS.split(",")]
+            wall = sum(run.wall for run in separate)
+            steady = sum(run.steady_seconds for run in separate)
+            rate["e 4 separate harvests (end to end)"] = many.tokens / wall
+            rate["e 4 separate harvests (steady)"] = many.tokens / steady
+            notes["e"] = (f"(d) over (e): {wall / many.wall:.2f}x end to end, {steady / many.steady_seconds:.2f}x "
+                          "steady")
+            print(notes["e"], flush=True)
+    if "s3" not in skip:
+        from s3_local import start_moto
+
+        server, options = start_moto()
+        try:
+            local = run_lexica(config, documents=args.medium)
+            remote = run_lexica(dataclasses.replace(config, storage_options=options), run_url="s3://lexica-bench/run",
+                                documents=args.medium)
+            notes["s3"] = (f"(s3) moto S3 / local end to end {local.wall / remote.wall:.2f}, steady "
+                           f"{local.steady_seconds / remote.steady_seconds:.2f}; writer wait: local "
+                           f"{local.write_wait:.1%}, S3 {remote.write_wait:.1%} of the shards' time")
+            print(notes["s3"], flush=True)
+        finally:
+            server.kill()
+    if "v2" not in skip:
+        folder = tempfile.mkdtemp(prefix="lexica-bench-v2-")
+        try:
+            sizes, reads = {}, {}
+            for version in (1, 2):
+                run = f"{folder}/v{version}"
+                sizes[version] = run_lexica(config, run_url=run, documents=args.short, store_format=version,
+                                            workers=WorkersConfig(actors=0)).bytes_per_element
+                reads[version] = read_rate(f"{run}/activations/resid_post.15")
+            notes["v2"] = (f"(v2) bytes per element v1 {sizes[1]:.4f}, v2 {sizes[2]:.4f} (target <= 1.75); read "
+                           f"into float32 per CPU-second: v1 {reads[1] / 1e6:.0f}M, v2 {reads[2] / 1e6:.0f}M "
+                           f"elements/s, v2/v1 {reads[2] / reads[1]:.2f} (target >= 0.9)")
+            print(notes["v2"], flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    print("\n| variant | tokens/s | vs b (same depth) | vs a |\n|---|---:|---:|---:|")
+    for name, value in rate.items():
+        depth = "b stop after block 20" if name.startswith(("d ", "e ")) or name.endswith("20") else \
+            "b stop after block 15"
+        print(f"| {name} | {value:,.0f} | {value / rate[depth]:.2f} | {value / rate['a full model']:.2f} |")
+    print()
+    for line in notes.values():
+        print(line)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,8 +48,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from s3_local import start_moto
 
-from lexica import storage
 from lexica.run import store_url
 from lexica.store import ActivationStore, write_store
 from lexica.train.architectures import build
@@ -407,32 +406,6 @@ def write_bench_store(run_url: str, vectors: torch.Tensor, shards: int, storage_
     groups of 4096 tokens)."""
     return write_store(store_url(run_url, HOOK), vectors, HOOK, shards=shards, model={"id": "synthetic"},
                        storage_options=storage_options)
-
-
-def start_moto() -> tuple[subprocess.Popen, dict]:
-    """A moto S3 server in its own process on 127.0.0.1 (so it does not share this process's GIL)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any; never real credentials
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError(f"moto server on port {port} did not start") from None
-            time.sleep(0.2)
-    options = {"endpoint_url": f"http://127.0.0.1:{port}"}
-    fs, _ = storage.url_to_fs("s3://lexica-bench", options)
-    fs.mkdir("lexica-bench")
-    return server, options
 
 
 def compare_store(args: argparse.Namespace, sizes: Sizes, pool: list[torch.Tensor]) -> None:

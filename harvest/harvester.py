@@ -22,7 +22,7 @@ from lexica.harvest.corpus import ShardDocuments, ShardPlan, read_shard
 from lexica.hooks import Capture, HookPoint, count_blocks, parse_hooks, prune_after
 from lexica.models import LoadedModel, load_model
 from lexica.run import store_url
-from lexica.store import TORCH_DTYPES, PartWriter, arrow_schema, encode_activations
+from lexica.store import TORCH_DTYPES, PartWriter, activation_columns, arrow_schema
 
 # Per hook point, the stored-dtype rows awaiting their write: the chunk being filled plus the writer
 # thread's queue (PartWriter holds up to two queued row groups and one being written).
@@ -124,7 +124,7 @@ class Harvester:
         writers = {}
         try:
             for hook in hooks:
-                schema = arrow_schema(self.d_model, self.config.store_dtype, hook.name)
+                schema = arrow_schema(self.d_model, self.config.store_dtype, hook.name, self.config.store_format)
                 writers[hook.name] = PartWriter(self.store_url(hook), shard_index, schema, self.config.storage_options)
             self.progress["shard_windows"] = len(windows)
             for chunk in packing.chunk_windows(windows, self.row_group_rows):
@@ -175,4 +175,4 @@ class Harvester:
             writer = writers[name]
             writer.statistics.add(values)
             writer.put(pa.table({"doc_id": doc_ids, "position": positions, "token_id": token_ids,
-                                 "activation": encode_activations(values)}, schema=writer.schema))
+                                 **activation_columns(values, self.config.store_format)}, schema=writer.schema))

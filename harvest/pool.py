@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lexica import storage
-from lexica.cluster import ensure_ray
+from lexica.cluster import ensure_ray, node_resources
 from lexica.config import from_dict, to_dict
 from lexica.errors import FailedError
-from lexica.harvest.config import HarvestConfig
+from lexica.harvest.config import HarvestConfig, sized_for
 from lexica.harvest.corpus import ShardDocuments, ShardPlan, plan_shards
 from lexica.harvest.streaming import stream_shards
 from lexica.hooks import hook_module, parse_hooks
@@ -80,7 +80,7 @@ def build_manifest(config: HarvestConfig, model_facts: dict, hook_name: str, pla
     return new_manifest(hook=hook_name, d_model=model_facts["d_model"], dtype=config.store_dtype,
                         model=model_facts["model"], tokenizer=model_facts["tokenizer"],
                         context_length=config.context_length, bos_prepended=model_facts["bos"], corpus=corpus,
-                        plan=plan.to_dict(), plan_fingerprint=plan.fingerprint())
+                        plan=plan.to_dict(), plan_fingerprint=plan.fingerprint(), format_version=config.store_format)
 
 
 def prepare_stores(config: HarvestConfig) -> tuple[dict[str, str], ShardPlan, object]:
@@ -206,6 +206,8 @@ def run_harvest(config: HarvestConfig, on_progress: Callable[[dict], None] | Non
         shards_done, restarts, tokens_done = _run_inline(config, plan, feed)
     elif feed.pending != 0:
         ensure_ray(config.ray.address, config.ray.num_cpus)
+        config = sized_for(config, node_resources())
+        log.info("%d actor(s) x %g CPUs", config.workers.actors, config.workers.cpus_per_actor)
         shards_done, restarts, tokens_done = _run_pool(config, plan, feed, on_progress)
     else:
         shards_done = restarts = tokens_done = 0

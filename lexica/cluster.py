@@ -75,3 +75,11 @@ def cluster_resources(address: str | None = None) -> dict[str, float]:
 def gpu_count(resources: dict[str, float], device: str) -> int:
     """GPUs that work for ``device`` may use: none for "cpu", whole GPUs otherwise."""
     return 0 if device == "cpu" else int(resources.get("GPU", 0))
+
+
+def node_resources() -> list[dict[str, float]]:
+    """CPUs and GPUs of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [{"CPU": float(node["Resources"].get("CPU", 0)), "GPU": float(node["Resources"].get("GPU", 0))}
+            for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]

@@ -28,11 +28,17 @@ from lexica import storage
 from lexica.errors import LexicaError
 
 FORMAT_NAME = "lexica.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a harvest writes unless told otherwise (harvest.store_format)
+FORMAT_VERSIONS = (1, 2)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# Small columns compress to almost nothing; the activation column does not (zstd saves ~7% on
-# fp16 and halves read speed), so it is stored plain.
-COLUMN_COMPRESSION = {"doc_id": "zstd", "position": "zstd", "token_id": "zstd", "activation": "none"}
+# Small columns compress to almost nothing. Version 1 stores each activation as its 2-byte values
+# in one plain column (zstd saves ~7% on fp16 and halves read speed). Version 2 splits them into
+# two byte planes: the high bytes (sign, exponent, top of the mantissa) of one dimension vary little
+# across tokens and zstd takes them to ~0.73 bytes; the low bytes are close to noise and stay plain.
+COLUMN_COMPRESSION = {"doc_id": "zstd", "position": "zstd", "token_id": "zstd", "activation": "none",
+                      "activation_hi": "zstd", "activation_lo": "none"}
+COMPRESSION_LEVEL = {"doc_id": 1, "position": 1, "token_id": 1, "activation_hi": 1}
+ACTIVATION_COLUMNS = {1: ["activation"], 2: ["activation_hi", "activation_lo"]}
 MANIFEST_IDENTITY_KEYS = ("format", "format_version", "hook", "d_model", "dtype", "model", "tokenizer",
                           "context_length", "bos", "corpus", "plan_fingerprint")
 
@@ -60,11 +66,14 @@ def commit_name(shard_index: int) -> str:
     return f"shard-{shard_index:06d}.json"
 
 
-def arrow_schema(d_model: int, dtype_name: str, hook_name: str) -> pa.Schema:
+def arrow_schema(d_model: int, dtype_name: str, hook_name: str, format_version: int = FORMAT_VERSION) -> pa.Schema:
+    if format_version == 1:
+        activation = [("activation", pa.binary(2 * d_model))]
+    else:
+        activation = [("activation_hi", pa.binary(d_model)), ("activation_lo", pa.binary(d_model))]
     return pa.schema(
-        [("doc_id", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32()),
-         ("activation", pa.binary(2 * d_model))],
-        metadata={"lexica.format": FORMAT_NAME, "lexica.format_version": str(FORMAT_VERSION),
+        [("doc_id", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32()), *activation],
+        metadata={"lexica.format": FORMAT_NAME, "lexica.format_version": str(format_version),
                   "lexica.dtype": dtype_name, "lexica.d_model": str(d_model), "lexica.hook": hook_name},
     )
 
@@ -80,6 +89,44 @@ def encode_activations(activations: torch.Tensor) -> pa.FixedSizeBinaryArray:
     raw = contiguous.view(torch.int16).numpy()
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * contiguous.shape[1]), contiguous.shape[0],
                                                 [None, pa.py_buffer(raw)])
+
+
+def _fixed_binary(values: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """[n, w] uint8 array → fixed_size_binary[w] array sharing its memory."""
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(values.shape[1]), values.shape[0],
+                                                [None, pa.py_buffer(values)])
+
+
+def activation_columns(activations: torch.Tensor, format_version: int) -> dict[str, pa.Array]:
+    """The activation column(s) of a part in ``format_version`` for a [n, d] fp16/bf16 CPU tensor."""
+    if format_version == 1:
+        return {"activation": encode_activations(activations)}
+    planes = activations.contiguous().view(torch.uint8).view(activations.shape[0], activations.shape[1], 2).numpy()
+    little = np.little_endian  # the low byte of a 2-byte value comes first on little-endian machines
+    return {"activation_hi": _fixed_binary(planes[:, :, 1 if little else 0]),
+            "activation_lo": _fixed_binary(planes[:, :, 0 if little else 1])}
+
+
+def _plane(column: pa.Array | pa.ChunkedArray, d_model: int) -> np.ndarray:
+    chunk = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if chunk.null_count:
+        raise StoreError("activation column holds nulls")
+    if chunk.type.byte_width != d_model:
+        raise StoreError(f"activation plane is {chunk.type.byte_width} bytes per row; expected {d_model}")
+    return np.frombuffer(chunk.buffers()[1], dtype=np.uint8, count=len(chunk) * d_model,
+                         offset=chunk.offset * d_model).reshape(len(chunk), d_model)
+
+
+def table_activations(table: pa.Table | pa.RecordBatch, d_model: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, d] tensor of ``dtype`` from a part's activation column(s), whichever format version."""
+    if "activation" in table.column_names:
+        return decode_activations(table.column("activation"), d_model, dtype)
+    hi, lo = _plane(table.column("activation_hi"), d_model), _plane(table.column("activation_lo"), d_model)
+    joined = np.empty((len(hi), d_model, 2), dtype=np.uint8)
+    joined[:, :, 1 if np.little_endian else 0] = hi
+    joined[:, :, 0 if np.little_endian else 1] = lo
+    return torch.from_numpy(joined).view(torch.int16).view(dtype).view(len(hi), d_model)
 
 
 def _readonly_tensor(values: np.ndarray) -> torch.Tensor:
@@ -116,7 +163,7 @@ def batch_from_table(table: pa.Table | pa.RecordBatch, d_model: int, dtype: torc
         return _readonly_tensor(np.ascontiguousarray(array))
 
     return ActivationBatch(integers("doc_id"), integers("position"), integers("token_id"),
-                           decode_activations(table.column("activation"), d_model, dtype))
+                           table_activations(table, d_model, dtype))
 
 
 # ---------------------------------------------------------------- writing
@@ -194,6 +241,9 @@ class CommitRecord:
     statistics: dict
     attempt: str
     seconds: float
+    # Of ``seconds``, how long the harvest waited for the writer (a full queue, the final flush):
+    # the part of the run that storage bandwidth, not compute, decided.
+    write_wait_seconds: float = 0.0
     host: str = field(default_factory=socket.gethostname)
     created_at: float = field(default_factory=time.time)
 
@@ -226,6 +276,7 @@ class PartWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._rows = 0
+        self.wait_seconds = 0.0  # the producer's time blocked on this writer
         self._context = storage.atomic_open(self.fs, storage.join(self.root, "parts", self.part))
         self._handle = self._context.__enter__()
         self._hashing = _HashingFile(self._handle)
@@ -234,7 +285,10 @@ class PartWriter:
 
     def _drain(self) -> None:
         try:
-            writer = pq.ParquetWriter(self._hashing, self.schema, compression=COLUMN_COMPRESSION,
+            names = self.schema.names
+            writer = pq.ParquetWriter(self._hashing, self.schema,
+                                      compression={name: COLUMN_COMPRESSION[name] for name in names},
+                                      compression_level={n: v for n, v in COMPRESSION_LEVEL.items() if n in names},
                                       use_dictionary=["doc_id"], write_statistics=["doc_id", "position"],
                                       store_schema=True)
             while (table := self._queue.get()) is not None:
@@ -249,7 +303,9 @@ class PartWriter:
         if self._error is not None:
             raise self._error
         self._rows += table.num_rows
+        started = time.perf_counter()
         self._queue.put(table)
+        self.wait_seconds += time.perf_counter() - started
 
     def abort(self) -> None:
         self._queue.put(None)
@@ -258,15 +314,17 @@ class PartWriter:
 
     def commit(self, **details: Any) -> CommitRecord:
         """Finish the part, make it visible, then write the commit record that makes it count."""
+        started = time.perf_counter()
         self._queue.put(None)
         self._thread.join()
         if self._error is not None:
             self._context.__exit__(type(self._error), self._error, None)
             raise self._error
-        self._context.__exit__(None, None, None)
+        self._context.__exit__(None, None, None)  # an upload finishes here
+        self.wait_seconds += time.perf_counter() - started
         record = CommitRecord(shard=self.shard_index, part=self.part, rows=self._rows, bytes=self._hashing.size,
                               checksum=self._hashing.checksum, statistics=asdict(self.statistics),
-                              attempt=self.attempt, **details)
+                              attempt=self.attempt, write_wait_seconds=round(self.wait_seconds, 3), **details)
         commit_path = storage.join(self.root, "commits", commit_name(self.shard_index))
         if storage.exists(self.fs, commit_path):
             # Another attempt committed this shard first; ours stays an invisible orphan.
@@ -314,14 +372,20 @@ class ActivationStore:
         if not storage.exists(self.fs, manifest_path):
             raise StoreError(f"{self.url} is not an activation store (no manifest.json)")
         self.manifest = storage.read_json(self.fs, manifest_path)
-        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") not in FORMAT_VERSIONS:
             raise StoreError(f"{self.url}: manifest format {self.manifest.get('format')!r} "
-                             f"v{self.manifest.get('format_version')}; expected {FORMAT_NAME} v{FORMAT_VERSION}")
+                             f"v{self.manifest.get('format_version')}; expected {FORMAT_NAME} v1 or v2")
+        self.format_version: int = self.manifest["format_version"]
         check_expectations(self.manifest, expect or {}, self.url)
         self.d_model: int = self.manifest["d_model"]
         self.dtype: torch.dtype = TORCH_DTYPES[self.manifest["dtype"]]
         self.hook: str = self.manifest["hook"]
         self._commits: list[CommitRecord] | None = None
+
+    @property
+    def activation_columns(self) -> list[str]:
+        """The part columns holding activations in this store's format version."""
+        return ACTIVATION_COLUMNS[self.format_version]
 
     @property
     def complete(self) -> bool:
@@ -468,10 +532,11 @@ class ActivationStore:
 
 
 def new_manifest(*, hook: str, d_model: int, dtype: str, model: dict, tokenizer: dict, context_length: int,
-                 bos_prepended: bool, corpus: dict, plan: dict, plan_fingerprint: str) -> dict:
+                 bos_prepended: bool, corpus: dict, plan: dict, plan_fingerprint: str,
+                 format_version: int = FORMAT_VERSION) -> dict:
     """A store's manifest before any shard is committed (docs/store-format.md lists each key)."""
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook, "d_model": d_model, "dtype": dtype,
+        "format": FORMAT_NAME, "format_version": format_version, "hook": hook, "d_model": d_model, "dtype": dtype,
         "model": model, "tokenizer": tokenizer, "context_length": context_length,
         "bos": {"prepend": bos_prepended, "stored": False}, "corpus": corpus,
         "plan_fingerprint": plan_fingerprint, "plan": plan,
@@ -512,7 +577,8 @@ def mark_complete(store: ActivationStore, statistics: dict) -> dict:
 def write_store(url: str, activations: torch.Tensor, hook: str, *, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, token_ids: torch.Tensor | None = None, shards: int = 1,
                 dtype: str = "float16", model: dict | None = None, tokens_per_document: int = 512,
-                row_group_rows: int = 4096, storage_options: dict | None = None) -> str:
+                row_group_rows: int = 4096, storage_options: dict | None = None,
+                format_version: int = FORMAT_VERSION) -> str:
     """A complete store at ``url`` holding ``activations`` [n, d_model] (e.g. computed elsewhere,
     or synthetic data for tests and benchmarks), written as a harvest writes one: parts, commit
     records, then the manifest with merged statistics. Without ``doc_ids``/``positions`` each run of
@@ -523,7 +589,7 @@ def write_store(url: str, activations: torch.Tensor, hook: str, *, doc_ids: torc
     positions = order % tokens_per_document if positions is None else positions
     token_ids = torch.zeros(rows_total, dtype=torch.int32) if token_ids is None else token_ids
     stored = activations.detach().to("cpu", TORCH_DTYPES[dtype])
-    schema = arrow_schema(d_model, dtype, hook)
+    schema = arrow_schema(d_model, dtype, hook, format_version)
     commits = []
     for shard, rows in enumerate(torch.arange(rows_total).chunk(shards)):
         writer = PartWriter(url, shard, schema, storage_options)
@@ -534,13 +600,13 @@ def write_store(url: str, activations: torch.Tensor, hook: str, *, doc_ids: torc
             writer.put(pa.table({"doc_id": doc_ids[group].numpy().astype(np.int64),
                                  "position": positions[group].numpy().astype(np.int32),
                                  "token_id": token_ids[group].numpy().astype(np.int32),
-                                 "activation": encode_activations(stored[group])}, schema=schema))
+                                 **activation_columns(stored[group], format_version)}, schema=schema))
         documents = len(np.unique(shard_docs))
         commits.append(writer.commit(documents=documents, empty_documents=0, invalid_utf8_documents=[],
                                      windows=documents, doc_id_min=int(shard_docs.min(initial=0)),
                                      doc_id_max=int(shard_docs.max(initial=0)), seconds=0.0))
     # Every shard is committed already: the manifest is written once, complete.
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hook": hook, "d_model": d_model,
+    manifest = {"format": FORMAT_NAME, "format_version": format_version, "hook": hook, "d_model": d_model,
                 "dtype": dtype, "model": model or {"id": "unknown"}, "created_at": time.time(),
                 "complete": True, "statistics": merge_statistics(commits)}
     fs, root = storage.url_to_fs(url, storage_options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -134,3 +135,21 @@ def test_actor_that_cannot_start_stops_the_harvest_with_its_reason(ray_cluster, 
     assert "\n" not in str(caught.value)  # one line for people, not Ray's whole traceback
     commits = os.path.join(config.run, "activations", "resid_post.1", "commits")
     assert not os.path.isdir(commits) or not os.listdir(commits)
+
+
+def test_actors_and_threads_default_to_the_cluster(tiny_models, corpus, tmp_path):
+    from lexica.harvest.config import sized_for
+
+    config = make_config(tmp_path, tiny_models["llama"], corpus, "run", actors=1)
+    defaults = dataclasses.replace(config, workers=WorkersConfig())
+
+    def sized(nodes):
+        workers = sized_for(defaults, nodes).workers
+        return workers.actors, workers.cpus_per_actor
+
+    assert sized([{"CPU": 2, "GPU": 0}]) == (1, 2.0)  # this machine: one copy, every core
+    assert sized([{"CPU": 16, "GPU": 0}, {"CPU": 4, "GPU": 0}]) == (3, 4.0)  # 2 x 8 and 1 x 4 fit in 4 each
+    assert sized([{"CPU": 32, "GPU": 4}, {"CPU": 8, "GPU": 0}]) == (4, 8.0)  # one per GPU
+    assert sized_for(config, [{"CPU": 64, "GPU": 8}]).workers.actors == 1  # explicit values stay
+    cpu_only = dataclasses.replace(defaults, model=dataclasses.replace(defaults.model, device="cpu"))
+    assert sized_for(cpu_only, [{"CPU": 16, "GPU": 2}]).workers.actors == 2  # GPUs unused: by CPUs
