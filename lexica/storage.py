@@ -96,6 +96,10 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` exists now. Object stores' filesystems answer from a cached listing of the
+    parent when they have one, which misses files other processes (actors) wrote since: drop it."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path.rstrip("/").rsplit("/", 1)[0])
     return bool(fs.exists(path))
 
 
