@@ -143,17 +143,30 @@ def main() -> None:
         os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     threads = os.cpu_count() or 1  # what the default single actor gets here
     torch.set_num_threads(threads)
-    short = dataclasses.replace(config.corpus, max_documents=args.short, docs_per_shard=None)
-    texts = [text for _, text in iter_documents(plan_shards(short), short)]
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    batches, tokens = plain_batches(tokenizer, texts, config.context_length, config.batch_tokens)
-    print(f"short set: {len(texts)} documents, {tokens:,} tokens; torch threads {threads}; "
+
+    def windows_of(documents: int, every: int = 1) -> tuple[list, int]:
+        """The plain loops' batches over the first ``documents`` documents (every n-th batch: a
+        sample of the same windows, for a long set)."""
+        corpus = dataclasses.replace(config.corpus, max_documents=documents, docs_per_shard=None)
+        texts = [text for _, text in iter_documents(plan_shards(corpus), corpus)]
+        batches, _ = plain_batches(tokenizer, texts, config.context_length, config.batch_tokens)
+        sample = batches[::every]
+        return sample, sum(int((batch[:, 1:] != 0).sum()) for batch in sample)
+
+    batches, tokens = windows_of(args.short)
+    print(f"short set: {args.short} documents, {tokens:,} tokens; torch threads {threads}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rate: dict[str, float] = {}
     notes: dict[str, str] = {}
     rate["a full model"] = tokens / run_full(config.model.path, batches, 15)
     rate["b stop after block 15"] = tokens / run_truncated(config.model.path, batches, 15)
-    rate["b stop after block 20"] = tokens / run_truncated(config.model.path, batches, 20)
+    # The pool variants run on other documents: their baselines are the plain loop on those windows.
+    long_batches, long_tokens = windows_of(args.documents, every=4)
+    rate["b stop after block 15, long set (1/4 of its batches)"] = long_tokens / run_truncated(
+        config.model.path, long_batches, 15)
+    medium_batches, medium_tokens = windows_of(args.medium)
+    rate["b stop after block 20, medium set"] = medium_tokens / run_truncated(config.model.path, medium_batches, 20)
     print("plain loops done", flush=True)
     inline = run_lexica(config, documents=args.short, workers=WorkersConfig(actors=0))
     rate["c lexica in-process, 1 hook (steady)"] = inline.tokens / inline.steady_seconds
@@ -209,11 +222,15 @@ def main() -> None:
             print(notes["v2"], flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    print("\n| variant | tokens/s | vs b (same depth) | vs a |\n|---|---:|---:|---:|")
+    baselines = {"a ": "b stop after block 15", "b stop after block 15": "b stop after block 15",
+                 "b stop after block 15, long": "b stop after block 15, long set (1/4 of its batches)",
+                 "c lexica in-process": "b stop after block 15", "c lexica pool": "b stop after block 15, long set "
+                 "(1/4 of its batches)", "b stop after block 20": "b stop after block 20, medium set",
+                 "d ": "b stop after block 20, medium set", "e ": "b stop after block 20, medium set"}
+    print("\n| variant | tokens/s | vs b (same depth, same documents) | vs a |\n|---|---:|---:|---:|")
     for name, value in rate.items():
-        depth = "b stop after block 20" if name.startswith(("d ", "e ")) or name.endswith("20") else \
-            "b stop after block 15"
-        print(f"| {name} | {value:,.0f} | {value / rate[depth]:.2f} | {value / rate['a full model']:.2f} |")
+        baseline = rate[baselines[max((key for key in baselines if name.startswith(key)), key=len)]]
+        print(f"| {name} | {value:,.0f} | {value / baseline:.2f} | {value / rate['a full model']:.2f} |")
     print()
     for line in notes.values():
         print(line)

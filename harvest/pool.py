@@ -29,6 +29,7 @@ from lexica.run import Run
 from lexica.store import ActivationStore, create_or_check_manifest, mark_complete, merge_statistics, new_manifest
 
 log = logging.getLogger(__name__)
+QUEUED_PER_ACTOR = 2  # shards handed to an actor at once: one computing, one waiting
 
 
 class HarvestError(FailedError):
@@ -257,7 +258,10 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed,
     running: dict = {}  # future → (actor, task)
     progress = Progress("harvest", feed.pending, "shards", config.progress_seconds)
     finished_tokens = shards_done = restarts = 0
-    idle = list(actors)
+    # Each actor has a shard queued behind the one it computes, so it starts the next the moment
+    # it finishes one, not a driver round trip later (calls run one at a time, in order).
+    idle = [actor for actor in actors for _ in range(QUEUED_PER_ACTOR)]
+    dead: set = set()
     exhausted = False
     try:
         while True:
@@ -286,10 +290,13 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed,
                                            "giving up. Committed shards are kept; re-run to retry.") from error
                     log.warning("actor working on shard %d died (%s); re-queueing it on a fresh actor",
                                 task.shard, type(error).__name__)
-                    with_suppressed_kill(actor)
                     retry.append(task)
-                    idle.append(new_actor())
-                    restarts += 1
+                    if actor not in dead:  # its queued shard fails too: replace it once
+                        dead.add(actor)
+                        with_suppressed_kill(actor)
+                        replacement = new_actor()
+                        idle = [a for a in idle if a is not actor] + [replacement] * QUEUED_PER_ACTOR
+                        restarts += 1
                     continue
                 except RayTaskError as error:
                     cause = error.cause if getattr(error, "cause", None) is not None else error
@@ -315,15 +322,15 @@ def _snapshot(running: dict, finished_tokens: int, shards_done: int) -> dict:
     import ray
 
     tokens, shards, actors = finished_tokens, float(shards_done), []
-    futures = {actor.progress.options(concurrency_group="progress").remote(): (actor, task)
-               for actor, task in running.values()}
+    busy = {id(actor): actor for actor, _ in running.values()}  # an actor with a queued shard asked once
+    futures = {actor.progress.options(concurrency_group="progress").remote(): actor for actor in busy.values()}
     ready, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0.5) if futures else ([], [])
     for future in ready:
         try:
             report = ray.get(future)
         except Exception:  # a dying actor: its shard will be re-queued by the loop
             continue
-        actors.append({**report, "shard": futures[future][1].shard})
+        actors.append(report)
     for report in actors:
         tokens += report["shard_tokens"]
         if report["shard_windows"]:  # the running shard's share of windows done
