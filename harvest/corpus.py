@@ -255,7 +255,8 @@ def _estimated_tokens(plan: ShardPlan, config: CorpusConfig, sizes: list, tokeni
             source = int(np.searchsorted(first_docs, doc_id, side="right") - 1)
             sample = text[:1 << 18]
             # A stored row's bytes include JSON escapes and other fields: scale by the whole text.
-            tokens = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) * len(text) / len(sample)
+            ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
+            tokens = len(ids) * len(text) / len(sample)
             sample_bytes += int(sizes[source][doc_id - first_docs[source]])
             sample_tokens += tokens
             if sample_bytes >= 1 << 18 or doc_id >= 64:

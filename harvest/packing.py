@@ -68,17 +68,25 @@ def document_pieces(doc_tokens: list[tuple[int, np.ndarray]], window_ranges: dic
     return pieces
 
 
+# A batch pads every window to its longest: a window shorter than this share of it starts a new
+# batch, so padding never costs more than 1/8 of a batch (each document's last, shorter window
+# would otherwise ride along with full ones).
+MIN_FILL = 7 / 8
+
+
 def group_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Indices of windows grouped into batches of at most ``batch_tokens`` padded tokens.
 
-    Windows are sorted longest first, so each batch pads only to lengths close to its own.
+    Windows are sorted longest first, and a batch takes only windows at least ``MIN_FILL`` of its
+    first window's length, so each batch pads little.
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         padded_length = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) + 1) * padded_length > batch_tokens:
+        if current and ((len(current) + 1) * padded_length > batch_tokens
+                        or lengths[index] < MIN_FILL * padded_length):
             batches.append(current)
             current = []
         current.append(index)

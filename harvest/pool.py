@@ -114,6 +114,11 @@ def remove_orphans(store: ActivationStore) -> int:
     orphans = store.orphans()
     for name in orphans:
         store.fs.rm(storage.join(store.root, "parts", name))
+    # A commit record being written when its writer was killed leaves a temporary file (local disks).
+    commits = storage.join(store.root, "commits")
+    for name in storage.list_names(store.fs, commits):
+        if name.endswith(".tmp"):
+            store.fs.rm(storage.join(commits, name))
     if orphans:
         log.warning("removed %d orphaned part(s) left by interrupted attempts: %s", len(orphans), orphans[:5])
     return len(orphans)

@@ -158,4 +158,5 @@ def test_ray_pool_writes_every_hook_like_the_in_process_path(ray_cluster, tiny_m
                                         workers=WorkersConfig(actors=2, cpus_per_actor=1)))
     assert pooled.shards_done == inline.shards_total
     for left, right in zip(inline.stores, pooled.stores, strict=True):
-        assert_same_rows(rows_of(left), rows_of(right))
+        # The actors compute with 1 thread, this process with all: matmuls may round differently.
+        assert_same_rows(rows_of(left), rows_of(right), exact=False)
