@@ -303,9 +303,14 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed,
                         idle = [a for a in idle if a is not actor] + [replacement] * QUEUED_PER_ACTOR
                         restarts += 1
                     continue
-                except RayTaskError as error:
-                    cause = error.cause if getattr(error, "cause", None) is not None else error
-                    raise cause from None
+                except Exception as error:
+                    if actor in dead:  # a shard queued on an actor that died: whatever Ray says, redo it
+                        retry.append(task)
+                        continue
+                    if isinstance(error, RayTaskError):
+                        cause = error.cause if getattr(error, "cause", None) is not None else error
+                        raise cause from None
+                    raise
                 finished_tokens += next(iter(records.values()))["rows"]
                 shards_done += 1
                 idle.append(actor)

@@ -25,6 +25,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=forward)
     else:
+        # Ray starts its workers at nice 15 so that its own daemons stay responsive; on a machine
+        # whose cores the work fills, that lets every other process preempt the harvest's (or
+        # training's) thread team mid-step: the pool ran at 0.80-0.93 of in-process at nice 15 and
+        # at 1.03-1.09 at nice 0 (bench/README.md). A cluster's own `ray start` decides for itself.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=forward,
                  configure_logging=False)
     quiet_ray()
