@@ -265,7 +265,7 @@ def _run_pool(config: HarvestConfig, plan: ShardPlan, feed: ShardFeed,
     finished_tokens = shards_done = restarts = 0
     # Each actor has a shard queued behind the one it computes, so it starts the next the moment
     # it finishes one, not a driver round trip later (calls run one at a time, in order).
-    idle = [actor for actor in actors for _ in range(QUEUED_PER_ACTOR)]
+    idle = [actor for _ in range(QUEUED_PER_ACTOR) for actor in actors]  # popped from the end: round robin
     dead: set = set()
     exhausted = False
     try:
