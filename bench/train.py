@@ -26,6 +26,7 @@ fraction of step time spent blocked in ``next(batches)``.
 Peers stay out of Lexica's dependencies: they live in ``--peers-venv`` (``--setup-peers`` makes it)
 and the script re-executes itself there when this interpreter cannot import them.
 Usage: python bench/train.py [--steps 20] [--repeats 3] [--only a,b,c,d,store] [--quick] [--profile]
+       python bench/train.py --real [...]: quality per token on real activations (bench/quality.py)
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from lexica.store import ActivationStore, write_store
 from lexica.train.architectures import build
 from lexica.train.data import Prefetcher, normalisation_scale, shuffled_batches
 from lexica.train.memory import retain_freed_memory
-from lexica.train.step import FiringTracker, new_optimizer, train_step
+from lexica.train.optimizers import new_optimizer
+from lexica.train.step import FiringTracker, train_step
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -123,7 +125,7 @@ def maybe_reexec_in_peers_venv(args: argparse.Namespace, only: set[str]) -> None
     # This checkout first on the path, whatever checkout the venv's editable install points at.
     env = {**os.environ, "LEXICA_BENCH_REEXEC": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], env)
+    os.execve(python, [python, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)
 
 
 # ---------------------------------------------------------------- data
@@ -253,7 +255,7 @@ class SAELensStep:
 class SparsifyStep:
     """(d) sparsify's trainer body for one hookpoint (its trainer itself needs a Hugging Face model)."""
 
-    def __init__(self, sizes: Sizes, mean: torch.Tensor, dead_tokens: int):
+    def __init__(self, sizes: Sizes, mean: torch.Tensor, dead_tokens: int, aux_coefficient: float = AUX_COEFFICIENT):
         from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig
         from sparsify.sign_sgd import SignSGD
@@ -267,13 +269,13 @@ class SparsifyStep:
         self.optimizer = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95)
         self.optimizer.train()
         self.tokens_since_fired = torch.zeros(sizes.d_sae, dtype=torch.long)
-        self.dead_tokens = dead_tokens
+        self.dead_tokens, self.aux_coefficient = dead_tokens, aux_coefficient
 
     def step(self, batch: torch.Tensor) -> None:
         self.sae.set_decoder_norm_to_unit_norm()
         output = self.sae(x=batch, y=batch, dead_mask=self.tokens_since_fired > self.dead_tokens,
                           total_variance=(batch - batch.mean(0)).pow(2).sum())
-        (output.fvu + AUX_COEFFICIENT * output.auxk_loss).backward()
+        (output.fvu + self.aux_coefficient * output.auxk_loss).backward()
         self.sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -537,6 +539,11 @@ def profile_lexica(sizes: Sizes, pool: list[torch.Tensor], steps: int = 4) -> No
 
 
 def main() -> None:
+    if "--real" in sys.argv[1:]:  # the real-activation quality benchmark: bench/quality.py
+        import quality
+
+        quality.main([argument for argument in sys.argv[1:] if argument != "--real"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")

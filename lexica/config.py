@@ -52,7 +52,7 @@ def from_dict(cls: type, values: dict, where: str) -> Any:
 # an error naming the key; caught nowhere it is a TypeError deep inside validate() or the harvest.
 _TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
           "bool": ((bool,), "true or false"), "dict": ((dict,), "a mapping"), "None": ((type(None),), "null"),
-          "list[str]": ((list,), "a list of strings")}
+          "list[str]": ((list,), "a list of strings"), "list[int]": ((list,), "a list of integers")}
 
 
 def check_type(value: Any, annotation: str, where: str) -> None:
@@ -66,6 +66,9 @@ def check_type(value: Any, annotation: str, where: str) -> None:
             continue  # bool is an int subclass, but `true` is no context length
         if isinstance(value, accepted):
             if option == "list[str]" and not all(isinstance(item, str) for item in value):
+                continue
+            if option == "list[int]" and not all(isinstance(item, int) and not isinstance(item, bool)
+                                                 for item in value):
                 continue
             return
     expected = " or ".join(_TYPES[option][1] for option in options)

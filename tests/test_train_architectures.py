@@ -121,3 +121,35 @@ def test_topk_with_auxk_equals_a_dense_reference(dead_every):
         return error.pow(2).sum(1).mean() / 3.0 + d.aux_coefficient * auxk
 
     assert assert_matches_reference(dictionary, x, reference, dead).terms["auxk"] > 0
+
+
+def test_matryoshka_sums_each_prefix_loss_and_equals_a_dense_reference():
+    """Every prefix of the latents (16, 32, then all 64) reconstructs from its own share of the
+    batch-wide top-k selection; the loss is the sum of the prefixes' losses."""
+    dictionary, x = double_dictionary("matryoshka", prefixes=[16, 32])
+    assert dictionary.prefixes == [16, 32, 64]
+
+    def reference(d):
+        pre = (x - d.b_dec) @ d.W_enc + d.b_enc
+        kept = torch.zeros_like(pre, dtype=torch.bool)
+        kept.view(-1)[pre.detach().view(-1).topk(len(x) * 6).indices] = True
+        codes = torch.where(kept, pre, 0.0).relu()
+        loss = 0.0
+        for width in (16, 32, 64):
+            error = codes[:, :width] @ d.W_dec[:width] + d.b_dec - x
+            loss = loss + error.pow(2).sum(1).mean() / 3.0
+        return loss
+
+    output = assert_matches_reference(dictionary, x, reference)
+    assert output.terms["prefix_loss"] > 0
+    assert build("matryoshka", d_in=16, d_sae=4096, k=6).prefixes == [256, 512, 1024, 2048, 4096]
+
+
+def test_matryoshka_prefixes_are_checked():
+    from lexica.config import ConfigError
+
+    for prefixes in ([32, 16], [0, 8], [8, 8], "16"):
+        with pytest.raises(ConfigError, match="prefixes"):
+            build("matryoshka", d_in=16, d_sae=64, k=6, options={"prefixes": prefixes})
+    with pytest.raises(ConfigError, match="wider than the dictionary"):
+        build("matryoshka", d_in=16, d_sae=64, k=6, options={"prefixes": [16, 128]})

@@ -23,9 +23,16 @@ class TrainConfig:
     k: int = knob(32, "active latents per token (TopK)")
     batch_size: int = knob(4096, "tokens per optimiser step")
     tokens: int | None = knob(None, "training tokens (default: one pass over the store)")
-    lr: float | None = knob(None, "peak learning rate (default 2e-4 / sqrt(latents / 2^14), Gao et al.)")
+    optimizer: str = knob("adam", "adam, signsgd (each weight moves by +-lr) or muon (orthogonalised updates of the "
+                                  "weight matrices, Adam for the rest)")
+    schedule: str = knob("warmup-decay", "warmup-decay (linear warm-up, then linear decay over lr_decay_fraction) "
+                                         "or schedule-free (warm-up, then averaged weights instead of a decay)")
+    lr: float | None = knob(None, "peak learning rate (default per optimizer, x 1/sqrt(latents / 2^14): adam 2e-4 "
+                                  "(Gao et al.), signsgd 5e-3, muon 2e-4)")
     lr_warmup_steps: int = knob(100, "linear learning-rate warm-up steps (at most a tenth of the run)")
-    lr_decay_fraction: float = knob(0.2, "fraction of training at the end with linear decay to zero")
+    lr_decay_fraction: float = knob(0.2, "fraction of training at the end with linear decay to zero "
+                                         "(warmup-decay only)")
+    momentum: float = knob(0.9, "schedule-free interpolation: gradients are taken this far toward the average")
     seed: int = knob(0, "seed of initialisation and data order")
     buffer_rows: int = knob(262144, "tokens per shuffle block (token-level shuffling buffer)")
     data_lanes: int | None = knob(None, "independent data streams, each reading its own parts (default: workers); "
@@ -34,6 +41,8 @@ class TrainConfig:
     dead_tokens: int | None = knob(None, "a latent is dead after this many tokens without firing (default "
                                          "min(10M, tokens/4))")
     aux_coefficient: float = knob(1 / 32, "weight of the AuxK loss for dead latents")
+    resample_every: int = knob(0, "steps between resamplings of dead latents toward badly reconstructed inputs "
+                                  "(Anthropic 2023), for any architecture; 0 never")
     log_every: int = knob(50, "steps between metric lines")
     workers: int | None = knob(None, "Ray Train workers (DDP): default one per GPU of the cluster, else one; 0 trains "
                                      "in this process without Ray")
@@ -74,6 +83,18 @@ class TrainConfig:
         if lanes % workers or self.batch_size % lanes:
             raise ConfigError(f"data_lanes = {lanes} must be a multiple of workers ({workers}) and divide batch_size "
                               f"({self.batch_size})")
+        from lexica.train.optimizers import OPTIMIZERS, SCHEDULES
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
+        if self.resample_every < 0:
+            raise ConfigError(f"resample_every = {self.resample_every} is invalid; expected >= 0 (0: never)")
+        if not 0 < self.momentum < 1:
+            raise ConfigError(f"momentum = {self.momentum} is invalid; expected 0 < momentum < 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr = {self.lr} is invalid; expected > 0")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction = {self.lr_decay_fraction} is invalid; expected 0..1")
         from lexica.train.architectures import architecture_options

@@ -68,7 +68,16 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
         folder=Run(config.run, config.storage_options).dictionary_url(name), total_steps=total_steps,
         warmup_steps=max(1, min(config.lr_warmup_steps, total_steps // 10)),  # short runs still reach the peak
         dead_tokens=config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4)),
-        peak_lr=config.lr or 2e-4 / math.sqrt(d_sae / 2**14), scale=scale, variance=data_variance(store, scale))
+        peak_lr=config.lr or default_lr(config.optimizer, d_sae), scale=scale, variance=data_variance(store, scale))
+
+
+BASE_LR = {"adam": 2e-4, "signsgd": 5e-3, "muon": 2e-4}  # at 2^14 latents
+
+
+def default_lr(optimizer: str, d_sae: int) -> float:
+    """The peak learning rate for ``d_sae`` latents: wider dictionaries take smaller steps (Gao et
+    al. 2024 fit lr ∝ 1/sqrt(latents) for Adam; the same scaling is kept for the others)."""
+    return BASE_LR[optimizer] / math.sqrt(d_sae / 2**14)
 
 
 def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:

@@ -1,5 +1,6 @@
-"""One training step and what it needs: the firing tracker (dead latents), the learning-rate
-schedule, the optimiser. ``train_step`` is small and testable; architectures never touch it."""
+"""One training step and what it needs: the firing tracker (dead latents) and the learning-rate
+schedule (the optimisers are in ``optimizers.py``). ``train_step`` is small and testable;
+architectures never touch it."""
 
 from __future__ import annotations
 
@@ -56,18 +57,3 @@ def train_step(dictionary: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     optimizer.step()
     module.after_step()
     return output
-
-
-def new_optimizer(dictionary: torch.nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam, with torch's fused kernel where it has one: one pass over each tensor instead of about
-    ten elementwise ones (≈5× less optimiser time on the CPU here). The fused kernel copies a
-    non-contiguous tensor in and out (W_enc is kept column-major: its gradient comes out of the
-    sparse kernels as [d_sae, d_in] rows), which costs more than it saves; those take the foreach
-    path in a second parameter group."""
-    parameters = list(dictionary.parameters())
-    if not all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in parameters):
-        return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    groups = [{"params": [p for p in parameters if p.is_contiguous()], "fused": True},
-              {"params": [p for p in parameters if not p.is_contiguous()], "foreach": True}]
-    return torch.optim.Adam([group for group in groups if group["params"]], lr=lr, betas=(0.9, 0.999),
-                            eps=6.25e-10)

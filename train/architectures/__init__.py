@@ -95,4 +95,4 @@ def build(name: str, d_in: int, d_sae: int, k: int = 1, aux_coefficient: float =
 
 
 # Each module registers itself on import.
-from lexica.train.architectures import batchtopk, jumprelu, relu, topk  # noqa: E402,F401
+from lexica.train.architectures import batchtopk, jumprelu, matryoshka, relu, topk  # noqa: E402,F401
