@@ -8,7 +8,7 @@ ASSETS ?= assets
 
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
 
-.PHONY: setup assets browser demo test lint docs clean
+.PHONY: setup assets browser peers demo test lint docs clean
 
 setup: $(VENV)/.lexica-installed
 
@@ -30,6 +30,11 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			chromium fonts-dejavu-core >/dev/null; \
 	else echo "no chromium found: install it (e.g. apt-get install chromium) or set LEXICA_CHROMIUM"; fi
+
+# SAELens and sparsify in a venv of their own (bench/.venv-peers), never in Lexica's: the benchmarks
+# compare against them and tests/test_saelens_real.py checks both directions of the SAELens format.
+peers: setup
+	$(PY) bench/train.py --setup-peers --only none
 
 demo: assets
 	$(VENV)/bin/lexica harvest --config examples/demo.yaml

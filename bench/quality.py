@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,15 +41,27 @@ import time
 
 import torch
 
+from lexica.store import ActivationStore
+from lexica.train.data import data_variance, normalisation_scale
+from lexica.train.plan import default_lr
+from lexica.train.step import learning_rate
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)
 
-from lexica.store import ActivationStore  # noqa: E402
-from lexica.train.data import data_variance, normalisation_scale  # noqa: E402
-from lexica.train.plan import default_lr  # noqa: E402
-from lexica.train.step import learning_rate  # noqa: E402
-from train import LexicaStep, SAELensStep, Sizes, SparsifyStep, maybe_reexec_in_peers_venv  # noqa: E402
+
+def _step_benchmark():
+    """bench/train.py, whose variants (Lexica's step, SAELens, sparsify) this benchmark drives; loaded
+    by path, as its name is also that of the train stage."""
+    sys.path.insert(0, BENCH)  # for its own imports (s3_local)
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(BENCH, "train.py"))
+    module = sys.modules["bench_train"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+steps = _step_benchmark()
+LexicaStep, SAELensStep, SparsifyStep, Sizes = steps.LexicaStep, steps.SAELensStep, steps.SparsifyStep, steps.Sizes
 
 CORPUS = os.path.join(REPO, "assets", "corpora", "sotu.jsonl")
 DEMO_CONFIG = os.path.join(REPO, "examples", "demo.yaml")
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--train-addresses and --held-out-addresses overlap")
     training_store = harvested_store(args.work, f"train-{args.train_addresses}", train_documents)
     held_out_store = harvested_store(args.work, f"held-out-{args.held_out_addresses}", held_out_documents)
-    maybe_reexec_in_peers_venv(args, args.only)
+    steps.maybe_reexec_in_peers_venv(args, args.only)
     torch.set_num_threads(args.threads)
     scale = normalisation_scale(training_store)
     rows = load_rows(training_store) * scale

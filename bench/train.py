@@ -556,6 +556,8 @@ def main() -> None:
     parser.add_argument("--setup-peers", action="store_true", help="create --peers-venv if it does not exist")
     args = parser.parse_args()
     only = {part.strip() for part in args.only.split(",") if part.strip()}
+    if args.setup_peers and not os.path.exists(os.path.join(args.peers_venv, "bin", "python")):
+        setup_peers(args.peers_venv)  # also on its own: `make peers` runs --setup-peers --only none
     maybe_reexec_in_peers_venv(args, only)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else Sizes()

@@ -25,6 +25,7 @@ COMMANDS = {
     "harvest": Command("lexica.harvest.cli", "main", "harvest a model's activations over a corpus into a store"),
     "verify": Command("lexica.harvest.cli", "verify_main", "check a store's parts against their commit records"),
     "train": Command("lexica.train.cli", "main", "fit a sparse dictionary on an activation store"),
+    "import-sae": Command("lexica.train.interop", "main", "register a SAELens-format dictionary as one of a run's"),
     "plot": Command("lexica.train.plot", "main", "draw a dictionary's training curves and feature density"),
     "analysis": Command("lexica.analysis.cli", "main", "analysis features: build a dictionary's feature atlas"),
     "steer": Command("lexica.analysis.steering", "main", "generate text with features clamped, beside the baseline"),

@@ -13,6 +13,7 @@ from lexica.run import EXPORTED_AT_KEY, export_timestamp
 from lexica.train.architectures import build
 
 SAELENS_NAMES = {"standard": "relu"}  # SAELens architecture names that differ from ours
+SAELENS_LAYOUT_VERSION = "6.0.0"  # the SAELens cfg.json layout these exports follow
 
 
 class DictionaryError(LexicaError, ValueError):
@@ -32,6 +33,22 @@ def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch
         return {**weights, **dictionary.export_extra()}
 
 
+def saelens_names(metadata: dict) -> dict:
+    """The metadata fields SAELens reads: ``hook_name`` in TransformerLens' spelling
+    (``blocks.15.hook_resid_post``) and ``model_name``."""
+    from lexica.train.interop import transformer_lens_hook
+
+    # SAELens reads a config without metadata.sae_lens_version as pre-6.0 and drops its metadata:
+    # this marks the layout written here as its v6 one.
+    names = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None}
+    if metadata.get("hook"):
+        names["hook_name"] = transformer_lens_hook(metadata["hook"])
+    model = metadata.get("model")
+    if isinstance(model, dict) and (model.get("id") or model.get("path")):
+        names["model_name"] = model.get("id") or model.get("path")
+    return names
+
+
 def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str, metadata: dict,
                       storage_options: dict | None = None) -> str:
     fs, folder = storage.url_to_fs(folder_url, storage_options)
@@ -40,7 +57,8 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         **dictionary.export_config(),
-        "metadata": {**metadata, "lexica_normalisation_scale_folded": scale, EXPORTED_AT_KEY: export_timestamp(),
+        "metadata": {**saelens_names(metadata), **metadata, "lexica_normalisation_scale_folded": scale,
+                     EXPORTED_AT_KEY: export_timestamp(),
                      "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None)},
     }
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))

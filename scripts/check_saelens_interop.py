@@ -1,0 +1,161 @@
+"""Lexica and SAELens both ways, with the real SAELens package: every Lexica architecture, exported,
+loads in SAELens and computes what Lexica computes; every SAELens architecture Lexica imports,
+saved by SAELens itself, imports with ``lexica import-sae`` and computes what SAELens computes.
+
+SAELens is not a Lexica dependency: run this with the peers' interpreter (``make peers`` makes it),
+from the repository root:
+
+    bench/.venv-peers/bin/python scripts/check_saelens_interop.py
+
+Prints one line per case and exits 1 if any differs (relative difference of reconstructions and
+codes above 1e-5 on raw-scale inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+D_IN, D_SAE, K, HOOK = 32, 128, 6, "resid_post.3"
+TOLERANCE = 1e-5
+
+
+def data(count: int, seed: int) -> torch.Tensor:
+    """Raw-scale vectors with a large mean, as a residual stream has."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, D_IN, generator=generator) * 4 + torch.linspace(-3, 3, D_IN)
+
+
+def relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((mine - theirs).norm() / theirs.norm().clamp_min(1e-12))
+
+
+def lexica_to_saelens(work: str) -> list[tuple[str, float, str]]:
+    from sae_lens import SAE
+
+    from lexica.train.architectures import build
+    from lexica.train.export import export_dictionary, load_dictionary
+    from lexica.train.optimizers import new_optimizer
+    from lexica.train.step import train_step
+
+    results = []
+    scale = 0.37  # a normalisation scale, folded into the export
+    for architecture in ("topk", "batchtopk", "matryoshka", "jumprelu", "relu"):
+        dictionary = build(architecture, d_in=D_IN, d_sae=D_SAE, k=K, seed=1)
+        x = data(512, 0) * scale
+        dictionary.initialise_from(x)
+        optimizer = new_optimizer(dictionary, 1e-3)
+        for step in range(20):  # trained a little: thresholds and biases away from their initial values
+            dictionary.begin_step(step, 20)
+            train_step(dictionary, optimizer, data(512, step + 1) * scale, None)
+        folder = os.path.join(work, "lexica", architecture)
+        export_dictionary(dictionary, scale, folder, {"hook": HOOK, "model": {"id": "synthetic-model"}})
+        ours, theirs = load_dictionary(folder), SAE.load_from_disk(folder, device="cpu")
+        x = data(256, 99)
+        with torch.no_grad():
+            difference = relative(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)))
+        names = f"{type(theirs).__name__}, hook_name {theirs.cfg.metadata.hook_name}, " \
+                f"model_name {theirs.cfg.metadata.model_name}"
+        if theirs.cfg.metadata.hook_name != "blocks.3.hook_resid_post" or \
+                theirs.cfg.metadata.model_name != "synthetic-model":
+            difference = float("inf")
+        results.append((f"Lexica {architecture} -> SAELens", difference, names))
+    return results
+
+
+def saelens_dictionaries():
+    """(case, SAELens inference module, folder-saving function) for each architecture Lexica imports."""
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
+
+    metadata = {"hook_name": "blocks.3.hook_resid_post", "model_name": "synthetic-model"}
+    common = {"d_in": D_IN, "d_sae": D_SAE}
+    cases = [
+        ("standard", StandardSAE(StandardSAEConfig(**common))),
+        ("standard, apply_b_dec_to_input false", StandardSAE(StandardSAEConfig(**common, apply_b_dec_to_input=False))),
+        ("topk", TopKSAE(TopKSAEConfig(**common, k=K))),
+        ("topk, rescale_acts_by_decoder_norm",
+         TopKSAE(TopKSAEConfig(**common, k=K, rescale_acts_by_decoder_norm=True))),
+        ("jumprelu", JumpReLUSAE(JumpReLUSAEConfig(**common))),
+        ("batchtopk (saved for inference)", BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=K))),
+        ("matryoshka_batchtopk (saved for inference)", MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(**common, k=K, matryoshka_widths=[32, 64, D_SAE]))),
+    ]
+    generator = torch.Generator().manual_seed(3)
+    for case, sae in cases:
+        for key, value in metadata.items():
+            sae.cfg.metadata[key] = value
+        with torch.no_grad():
+            for name, parameter in sae.named_parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.3 if name != "b_dec" else 2))
+            if hasattr(sae, "W_dec"):  # rows of uneven norms: the rescaling must matter
+                sae.W_dec.mul_(torch.rand(D_SAE, 1, generator=generator) + 0.2)
+            if hasattr(sae, "threshold"):
+                sae.threshold.copy_(torch.rand(D_SAE, generator=generator))
+            if hasattr(sae, "topk_threshold"):
+                sae.topk_threshold.fill_(0.8)
+        yield case, sae
+
+
+def saelens_to_lexica(work: str) -> list[tuple[str, float, str]]:
+    from sae_lens import SAE
+
+    import lexica
+    from lexica.train.interop import import_saelens
+
+    results = []
+    run = os.path.join(work, "run")
+    for index, (case, sae) in enumerate(saelens_dictionaries()):
+        folder = os.path.join(work, "saelens", str(index))
+        (sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model)(folder)
+        theirs = SAE.load_from_disk(folder, device="cpu")  # what SAELens users load
+        name = import_saelens(folder, run, name=f"case-{index}")
+        ours = lexica.Run(run).dictionary(name)
+        x = data(256, 7)
+        with torch.no_grad():
+            their_codes = theirs.encode(x)
+            code = ours.encode(x)
+            our_codes = torch.zeros_like(their_codes).scatter_add(1, code.indices, code.values)
+            difference = max(relative(ours.decode(code), theirs.decode(their_codes)), relative(our_codes, their_codes))
+        results.append((f"SAELens {case} -> Lexica", difference,
+                        f"{type(theirs).__name__} -> {ours.metadata['lexica_architecture']}, hook {ours.hook}"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", help="folder for the exported and saved dictionaries (default: a temporary one)")
+    args = parser.parse_args(argv)
+    import sae_lens
+
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.work or temporary
+        results = lexica_to_saelens(work) + saelens_to_lexica(work)
+    failed = 0
+    print(f"SAELens {sae_lens.__version__}, torch {torch.__version__}")
+    for case, difference, detail in results:
+        ok = difference < TOLERANCE
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {case}: relative difference {difference:.1e} ({detail})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
