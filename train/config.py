@@ -27,8 +27,8 @@ class TrainConfig:
                                   "weight matrices, Adam for the rest)")
     schedule: str = knob("warmup-decay", "warmup-decay (linear warm-up, then linear decay over lr_decay_fraction) "
                                          "or schedule-free (warm-up, then averaged weights instead of a decay)")
-    lr: float | None = knob(None, "peak learning rate (default per optimizer, x 1/sqrt(latents / 2^14): adam 2e-4 "
-                                  "(Gao et al.), signsgd 5e-3, muon 2e-4)")
+    lr: float | None = knob(None, "peak learning rate (default per optimizer, x 1/sqrt(latents / 2^14): adam 8e-4 "
+                                  "(chosen on real activations, bench/train.py --real), signsgd 5e-3, muon 8e-4)")
     lr_warmup_steps: int = knob(100, "linear learning-rate warm-up steps (at most a tenth of the run)")
     lr_decay_fraction: float = knob(0.2, "fraction of training at the end with linear decay to zero "
                                          "(warmup-decay only)")
