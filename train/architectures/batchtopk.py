@@ -30,14 +30,20 @@ class BatchTopK(TopK):
         flat, order = flat.sort()
         return flat // self.d_sae, flat % self.d_sae, values[order]
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
-                      variance: float | None = None) -> TrainOutput:
+    def _encode_batch(self, x: torch.Tensor):
+        """(centered x, pre-activations, rows, latents, values with encoder gradients, pattern) of
+        the batch-wide selection, the threshold tracked on the way."""
         centered = x - self.b_dec.detach()
         pre_activations = self.pre_activations(centered, reuse=True)
         rows, latents, values = self._select_batch(pre_activations)
         self._track_threshold(values)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
+        return centered, pre_activations, rows, latents, values, pattern
+
+    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                      variance: float | None = None) -> TrainOutput:
+        centered, pre_activations, rows, latents, values, pattern = self._encode_batch(x)
         error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
         return self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
                            pre_activations)

@@ -16,7 +16,7 @@ from lexica.config import knob
 from lexica.train.architectures import TrainOutput, check_ranges, register
 from lexica.train.architectures.batchtopk import BatchTopK
 from lexica.train.architectures.parts import padded_code, reconstruction_loss
-from lexica.train.sparse import select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.sparse import sparse_decode, sparse_pattern
 
 DEFAULT_LEVELS = 5  # prefixes of 1/16, 1/8, 1/4, 1/2 of the width, then all of it
 
@@ -58,12 +58,7 @@ class Matryoshka(BatchTopK):
 
     def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
-        centered = x - self.b_dec.detach()
-        pre_activations = self.pre_activations(centered, reuse=True)
-        rows, latents, values = self._select_batch(pre_activations)
-        self._track_threshold(values)
-        pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
+        centered, pre_activations, rows, latents, values, _ = self._encode_batch(x)
         # Each level's pairs decode on their own; a prefix's error is the previous prefix's plus them.
         level = torch.bucketize(latents, torch.tensor(self.prefixes[:-1], device=latents.device), right=True)
         error, prefix_losses = None, []
