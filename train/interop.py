@@ -22,7 +22,7 @@ import re
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
+from safetensors.torch import load, save
 
 from lexica import storage
 from lexica.errors import LexicaError
@@ -151,8 +151,6 @@ def import_saelens(path: str, run_url: str, name: str | None = None, storage_opt
     }
     if config.get("rescale_acts_by_decoder_norm"):
         exported["rescale_acts_by_decoder_norm"] = False  # folded in
-    from safetensors.torch import save
-
     fs, folder = storage.url_to_fs(run.export_url(name), storage_options)
     tensors = {key: value.contiguous() for key, value in lexica_state.items()}
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(tensors))
