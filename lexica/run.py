@@ -5,6 +5,7 @@
     <run>/dictionaries/<name>/final/       an exported dictionary (SAELens layout)
     <run>/dictionaries/<name>/checkpoints/ Ray Train checkpoints of its training
     <run>/analysis/<dictionary>/           the dictionary's feature atlas (tables and site/)
+    <run>/sweeps/<sweep>/checkpoints/      Ray Train checkpoints of a sweep (many dictionaries, one job)
 
 Every stage finds these places through :class:`Run`, never by joining path literals, so the layout
 is written down once. A run is any fsspec URL (a local folder, ``s3://...``).
@@ -25,6 +26,7 @@ RECORD_FILE = "run.yaml"
 ACTIVATIONS = "activations"
 DICTIONARIES = "dictionaries"
 ANALYSIS = "analysis"
+SWEEPS = "sweeps"
 EXPORT = "final"  # the exported dictionary inside its folder
 EXPORT_CONFIG = "cfg.json"
 EXPORTED_AT_KEY = "lexica_exported_at"  # cfg.json metadata: when the export was written (UTC, ISO 8601)
@@ -67,6 +69,10 @@ class Run:
     def dictionary_url(self, name: str) -> str:
         """The dictionary's folder (metrics, checkpoints, plot); its export is :meth:`export_url`."""
         return storage.join(self.url, DICTIONARIES, name)
+
+    def sweep_url(self, name: str) -> str:
+        """A sweep's folder: the checkpoints of the one job that trains its dictionaries."""
+        return storage.join(self.url, SWEEPS, name)
 
     def export_url(self, name: str) -> str:
         return storage.join(self.dictionary_url(name), EXPORT)

@@ -9,7 +9,7 @@ from lexica.train.config import TrainConfig, describe_defaults, resolve_sources
 
 FLAGS = {"store": "store", "hook": "hook", "run": "run", "name": "name", "arch": "architecture", "width": "width",
          "k": "k", "batch_size": "batch_size", "tokens": "tokens", "lr": "lr", "seed": "seed", "device": "device",
-         "workers": "workers", "cpus_per_worker": "cpus_per_worker"}
+         "workers": "workers", "cpus_per_worker": "cpus_per_worker", "sweep": "sweep"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,15 @@ def main(argv: list[str]) -> int:
     from lexica.train.fit import fit
 
     summary = fit(config)
+    if "sweep" in summary:
+        print(f"sweep {summary['sweep']}: {len(summary['dictionaries'])} dictionaries from one read of the store "
+              f"(checkpoints: {summary['folder']})")
+    for one in summary.get("dictionaries", [summary]):
+        print_summary(one)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
     final = summary["final"]
     print(f"dictionary {summary['name']}: {summary['steps']} steps, FVU {final.get('fvu', float('nan')):.4f}, "
           f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', 0):.2%}\n"
@@ -47,4 +56,3 @@ def main(argv: list[str]) -> int:
               f"{evaluation['ce_zero']:.4f}; CE recovered {evaluation['ce_recovered']:.1%}, KL {evaluation['kl']:.4f}, "
               f"FVU {evaluation['fvu']:.4f}, L0 {evaluation['l0']:.1f}")
     print(f"  curves and feature density: {summary['plot']}")
-    return 0

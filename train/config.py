@@ -59,6 +59,12 @@ class TrainConfig:
     experiment: str = knob("lexica", "MLflow experiment / W&B project name")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
     extra: dict = knob({}, "the architecture's own options (see 'Architecture options' below), e.g. {aux_k: 256}")
+    sweep: list[dict] | dict = knob([], "train many dictionaries in one job from one read of the store: a list of "
+                                        "variants, e.g. [{k: 16}, {architecture: batchtopk, lr: 0.002}], or a grid, "
+                                        "e.g. {k: [16, 32], width: [8x, 16x]}; a variant sets name, architecture, "
+                                        "width, k, lr, seed (its initialisation), optimizer, schedule, momentum, "
+                                        "lr_warmup_steps, lr_decay_fraction, dead_tokens, aux_coefficient, "
+                                        "resample_every or extra; train.name then names the sweep")
 
     def latents(self, d_model: int) -> int:
         text = str(self.width).strip()

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -38,8 +39,16 @@ def _lane_commits(store: ActivationStore, lanes: int) -> list:
     return commits
 
 
+@dataclass
+class ReadCount:
+    """What a stream has read of its store: parts and their bytes (as committed), for the metrics."""
+
+    parts: int = 0
+    bytes: int = 0
+
+
 def _row_stream(store: ActivationStore, commits: list, epoch: int, seed: int, lane: int, lanes: int,
-                read_rows: int) -> Iterator[torch.Tensor]:
+                read_rows: int, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
     """Rows of this lane's parts for one epoch: the epoch's seeded permutation of all parts, dealt
     to the lanes like cards (lane r gets every lanes-th part from the r-th)."""
     order = torch.randperm(len(commits), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -50,6 +59,9 @@ def _row_stream(store: ActivationStore, commits: list, epoch: int, seed: int, la
                 raise StoreError(f"shard {commit.shard} (part {commit.part}) of {store.url} holds NaN or infinite "
                                  "activations; re-harvest it (delete its commit record and re-run the harvest)")
             yield batch.activation
+        if read_count is not None:
+            read_count.parts += 1
+            read_count.bytes += commit.bytes
 
 
 def all_finite(activations: torch.Tensor) -> bool:
@@ -68,19 +80,21 @@ def data_variance(store: ActivationStore, scale: float) -> float:
 
 def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int, scale: float,
                      device: torch.device | str = "cpu", skip_batches: int = 0, lanes: int = 1,
-                     lane_ids: list[int] | None = None) -> Iterator[torch.Tensor]:
+                     lane_ids: list[int] | None = None, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
     """Endless float32 batches of normalised activations.
 
     The stream is made of ``lanes`` independent lanes, each reading its own parts and shuffling
     its own blocks; a global batch is the concatenation of every lane's batch_size/lanes rows. A
     data-parallel worker reads only its lanes (``lane_ids``), so N workers read the store once
     between them, and one worker reading all lanes sees exactly the batches N workers see
-    together. ``skip_batches`` resumes the same sequence part-way.
+    together. ``skip_batches`` resumes the same sequence part-way. ``read_count`` counts the parts
+    read.
     """
     if batch_size % lanes:
         raise ConfigError(f"batch_size {batch_size} is not a multiple of the {lanes} data lanes")
     commits = _lane_commits(store, lanes)
-    streams = [_lane_batches(store, commits, batch_size // lanes, max(1, buffer_rows // lanes), seed, lane, lanes)
+    streams = [_lane_batches(store, commits, batch_size // lanes, max(1, buffer_rows // lanes), seed, lane, lanes,
+                             read_count)
                for lane in (range(lanes) if lane_ids is None else lane_ids)]
     skipped = 0
     while True:
@@ -93,7 +107,7 @@ def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, 
 
 
 def _lane_batches(store: ActivationStore, commits: list, batch_rows: int, buffer_rows: int, seed: int, lane: int,
-                  lanes: int) -> Iterator[torch.Tensor]:
+                  lanes: int, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
     """One lane's endless batches (store dtype, not yet normalised): blocks of ``buffer_rows``,
     each permuted with its own seeded generator, rows left over carried into the next block."""
     carry = torch.empty(0, store.d_model, dtype=store.dtype)
@@ -102,7 +116,8 @@ def _lane_batches(store: ActivationStore, commits: list, batch_rows: int, buffer
         block_index = 0
         pending: list[torch.Tensor] = []
         pending_rows = 0
-        for rows in _row_stream(store, commits, epoch, seed, lane, lanes, read_rows=min(buffer_rows, 1 << 16)):
+        for rows in _row_stream(store, commits, epoch, seed, lane, lanes, read_rows=min(buffer_rows, 1 << 16),
+                                read_count=read_count):
             pending.append(rows)
             pending_rows += len(rows)
             if pending_rows >= buffer_rows:

@@ -13,7 +13,7 @@ from lexica.store import ActivationStore
 from lexica.train.config import TrainConfig, sized_for
 from lexica.train.export import export_dictionary, load_dictionary
 from lexica.train.metrics import MetricsLog
-from lexica.train.plan import TrainingPlan, plan_training
+from lexica.train.plan import TrainingPlan, job_folder, plan_job
 from lexica.train.worker import train_worker
 
 
@@ -67,31 +67,51 @@ def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tok
 
 
 def fit(config: TrainConfig) -> dict:
-    """Train in this process (``workers: 0``) or as a Ray Train job; then export."""
+    """Train in this process (``workers: 0``) or as a Ray Train job; then export. A sweep
+    (``train.sweep``) trains all its dictionaries in one job and returns ``{"sweep": name,
+    "folder": ..., "dictionaries": [each one's summary]}``."""
     from lexica.cluster import cluster_resources, local_resources
 
     # Planned (and so validated) with this machine's resources before any cluster is started: a
     # bad config fails at once. Defaults left to size are then sized on the cluster, and the plan
     # redone only if the cluster differs from this machine.
-    plan = plan_training(sized_for(config, local_resources()))
+    job = sized_for(config, local_resources())
+    plans = plan_job(job)
     if config.workers != 0 and (config.workers is None or config.cpus_per_worker is None):
         on_cluster = sized_for(config, cluster_resources())
-        if (on_cluster.workers, on_cluster.cpus_per_worker) != (plan.config.workers, plan.config.cpus_per_worker):
-            plan = plan_training(on_cluster)
-    config = plan.config  # the run folder and the worker counts resolved
-    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
-    storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
-    Run(config.run, config.storage_options).record("train", {**dataclasses.asdict(config), "name": plan.name})
+        if (on_cluster.workers, on_cluster.cpus_per_worker) != (job.workers, job.cpus_per_worker):
+            job, plans = on_cluster, plan_job(on_cluster)
+    config = plans[0].config  # the run folder and the worker counts resolved
+    folder_url = job_folder(job, plans)
+    for plan in plans:
+        fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+        storage.check_writable(fs, folder, plan.folder)  # before training, not at the first checkpoint
+    run = Run(config.run, config.storage_options)
+    if job.sweep:
+        run.record("train", {**dataclasses.asdict(job), "run": config.run, "folder": folder_url,
+                             "names": [plan.name for plan in plans]})
+    else:
+        run.record("train", {**dataclasses.asdict(config), "name": plans[0].name})
     if config.workers == 0:
-        metrics_log = MetricsLog(plan, track=True)
+        metrics_logs = [MetricsLog(plan, track=True) for plan in plans]
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if config.device == "auto" else config.device)
-        try:
-            dictionary = train_worker(plan, device=device,
-                                      on_report=lambda metrics, state: metrics and metrics_log.add(metrics))
-        finally:
-            metrics_log.close()
-        return finish(plan, dictionary)
-    from lexica.train.job import run_ray_training
 
-    return finish(plan, run_ray_training(plan))
+        def add_metrics(metrics_lines: list[dict | None], states) -> None:
+            for metrics_log, metrics in zip(metrics_logs, metrics_lines):
+                if metrics:
+                    metrics_log.add(metrics)
+
+        try:
+            dictionaries = train_worker(plans, device=device, on_report=add_metrics)
+        finally:
+            for metrics_log in metrics_logs:
+                metrics_log.close()
+    else:
+        from lexica.train.job import run_ray_training
+
+        dictionaries = run_ray_training(plans, folder_url)
+    summaries = [finish(plan, dictionary) for plan, dictionary in zip(plans, dictionaries)]
+    if not job.sweep:
+        return summaries[0]
+    return {"sweep": folder_url.rstrip("/").rsplit("/", 1)[-1], "folder": folder_url, "dictionaries": summaries}

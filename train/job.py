@@ -1,5 +1,6 @@
 """The Ray Train job: N DDP workers run ``train_worker``; checkpoints and resume go through Ray
-Train's storage (``<run>/dictionaries/<name>/checkpoints/``).
+Train's storage (``<run>/dictionaries/<name>/checkpoints/``, or a sweep's
+``<run>/sweeps/<sweep>/checkpoints/`` with one ``<name>/state.pt`` per dictionary).
 
 This Ray version (Train V2) resumes by re-running with the same run name and storage path: the
 newest reported checkpoint comes back through ``ray.train.get_checkpoint()``.
@@ -23,12 +24,19 @@ from lexica.train.worker import train_worker
 STATE_FILE = "state.pt"
 
 
+def state_path(folder: str, plans: list[TrainingPlan], index: int) -> str:
+    """A dictionary's state inside a checkpoint: ``state.pt``, or ``<name>/state.pt`` in a sweep's."""
+    if len(plans) == 1:
+        return os.path.join(folder, STATE_FILE)
+    return os.path.join(folder, plans[index].name, STATE_FILE)
+
+
 def _worker_entry(values: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    plan: TrainingPlan = values["plan"]
-    torch.set_num_threads(max(1, int(plan.config.cpus_per_worker)))
+    plans: list[TrainingPlan] = values["plans"]
+    torch.set_num_threads(max(1, int(plans[0].config.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -37,32 +45,39 @@ def _worker_entry(values: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             # Our own checkpoint, read tensors-only: weights_only refuses arbitrary pickled objects.
-            resume = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=True)
-    metrics_log = MetricsLog(plan, track=True) if rank == 0 else None
+            resume = [torch.load(state_path(folder, plans, index), map_location=device, weights_only=True)
+                      for index in range(len(plans))]
+    metrics_logs = [MetricsLog(plan, track=True) for plan in plans] if rank == 0 else []
 
-    def report(metrics: dict | None, state: dict | None) -> None:
-        if metrics and metrics_log is not None:
-            metrics_log.add(metrics)
-        if state is None:
+    def report(metrics_lines: list[dict | None], states: list[dict | None]) -> None:
+        for metrics_log, metrics in zip(metrics_logs, metrics_lines):
+            if metrics:
+                metrics_log.add(metrics)
+        if states[0] is None:
             return
         with tempfile.TemporaryDirectory() as folder:
             checkpoint_out = None
             if rank == 0:
-                torch.save(state, os.path.join(folder, STATE_FILE))
+                for index, state in enumerate(states):
+                    path = state_path(folder, plans, index)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    torch.save(state, path)
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({"step": state["step"], **(metrics or {})}, checkpoint=checkpoint_out)
+            ray.train.report({"step": states[0]["step"], **(metrics_lines[0] or {})}, checkpoint=checkpoint_out)
 
     try:
-        train_worker(plan, rank, world, device, resume,
+        train_worker(plans, rank, world, device, resume,
                      wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=False),
-                     on_report=report, checkpoint_every=plan.config.checkpoint_every,
+                     on_report=report, checkpoints=True,
                      show_progress=False)  # the driver shows it (MetricsWatcher), not each worker's log
     finally:
-        if metrics_log is not None:
+        for metrics_log in metrics_logs:
             metrics_log.close()
 
 
-def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
+def run_ray_training(plans: list[TrainingPlan], folder_url: str) -> list[torch.nn.Module]:
+    """Train the job's dictionaries as one Ray Train job whose checkpoints go to ``folder_url``
+    (the dictionary's folder, or the sweep's)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -70,33 +85,39 @@ def run_ray_training(plan: TrainingPlan) -> torch.nn.Module:
     from lexica.cluster import ensure_ray, wants_gpus
 
     ensure_ray()
-    use_gpu = wants_gpus(plan.config.device, needed=plan.config.workers)
-    fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
+    config = plans[0].config
+    use_gpu = wants_gpus(config.device, needed=config.workers)
+    fs, folder = storage.url_to_fs(folder_url, config.storage_options)
     trainer = TorchTrainer(
-        _worker_entry, train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.config.workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": plan.config.cpus_per_worker}),
+        _worker_entry, train_loop_config={"plans": plans},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="checkpoints", storage_path=folder,
                                        storage_filesystem=_pyarrow_filesystem(fs),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with MetricsWatcher(plan):
+    with MetricsWatcher(plans):
         result = trainer.fit()
     if result.error:
         raise result.error
+    dictionaries = []
     with result.checkpoint.as_directory() as checkpoint_folder:
-        state = torch.load(os.path.join(checkpoint_folder, STATE_FILE), map_location="cpu", weights_only=True)
-
-    dictionary = new_dictionary(plan, "cpu")
-    dictionary.load_state_dict(state["dictionary"])
-    return dictionary
+        for index, plan in enumerate(plans):
+            state = torch.load(state_path(checkpoint_folder, plans, index), map_location="cpu", weights_only=True)
+            dictionary = new_dictionary(plan, "cpu")
+            dictionary.load_state_dict(state["dictionary"])
+            dictionaries.append(dictionary)
+    return dictionaries
 
 
 class MetricsWatcher:
     """The job's progress, shown by the driver: rank 0 rewrites metrics.jsonl every ``log_every``
-    steps, and a thread here turns its last line into the stage's one progress bar (or log lines)."""
+    steps, and a thread here turns the last line of the first dictionary's into the stage's one
+    progress bar (or log lines)."""
 
-    def __init__(self, plan: TrainingPlan, poll_seconds: float = 1.0):
+    def __init__(self, plans: list[TrainingPlan], poll_seconds: float = 1.0):
+        plan = plans[0]
         self.plan, self.poll_seconds = plan, poll_seconds
+        self.others = len(plans) - 1
         self.fs, folder = storage.url_to_fs(plan.folder, plan.config.storage_options)
         self.path = storage.join(folder, "metrics.jsonl")
         self.stop = threading.Event()
@@ -129,7 +150,8 @@ class MetricsWatcher:
             return  # nothing new; the last step is shown once, by the final update
         self.shown_step = metrics["step"]
         self.progress.update(metrics["step"], metrics["tokens"],
-                             f"fvu {metrics.get('fvu', float('nan')):.3f}  dead {metrics.get('dead_fraction', 0):.1%}",
+                             f"fvu {metrics.get('fvu', float('nan')):.3f}  dead {metrics.get('dead_fraction', 0):.1%}"
+                             + (f"  ({self.plan.name}; {self.others} more in this sweep)" if self.others else ""),
                              final=final and metrics["step"] >= self.plan.total_steps)
 
 

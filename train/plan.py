@@ -16,6 +16,7 @@ from lexica.store import ActivationStore
 from lexica.train.architectures import build
 from lexica.train.config import TrainConfig, with_run
 from lexica.train.data import data_variance, normalisation_scale
+from lexica.train.sweep import apply_variant, sweep_name, sweep_variants, variant_suffix
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainingPlan:
     peak_lr: float
     scale: float
     variance: float
+    data_seed: int  # the order of the batches: the job's seed, shared by every dictionary of a sweep
 
 
 def resolve_store_url(config: TrainConfig) -> str:
@@ -44,7 +46,33 @@ def resolve_store_url(config: TrainConfig) -> str:
     return Run(config.run, config.storage_options).store_url(config.hook)
 
 
-def plan_training(config: TrainConfig) -> TrainingPlan:
+def plan_job(config: TrainConfig) -> list[TrainingPlan]:
+    """The plans of a job's dictionaries: one, or one per variant of ``train.sweep`` (names unique,
+    every plan reading the same batches)."""
+    if not config.sweep:
+        return [plan_training(config)]
+    plans = [dataclasses.replace(plan_training(apply_variant(config, variant), variant_suffix(variant)),
+                                 data_seed=config.seed) for variant in sweep_variants(config)]
+    seen: dict[str, int] = {}
+    for index, plan in enumerate(plans):
+        if plan.name in seen:
+            raise ConfigError(f"train.sweep[{index}] and train.sweep[{seen[plan.name]}] would both be named "
+                              f"{plan.name!r}; give each a name or make them differ")
+        seen[plan.name] = index
+    return plans
+
+
+def job_folder(config: TrainConfig, plans: list[TrainingPlan]) -> str:
+    """Where the job's Ray Train checkpoints go: the dictionary's folder, or for a sweep
+    ``<run>/sweeps/<sweep name>``."""
+    if not config.sweep:
+        return plans[0].folder
+    run = plans[0].config.run
+    hook = ActivationStore(plans[0].store_url, config.storage_options).hook
+    return Run(run, config.storage_options).sweep_url(sweep_name(config, [plan.name for plan in plans], hook))
+
+
+def plan_training(config: TrainConfig, name_suffix: str = "") -> TrainingPlan:
     config = with_run(config)
     config = dataclasses.replace(config, run=storage.absolute_url(config.run))
     store = ActivationStore(storage.absolute_url(resolve_store_url(config)), config.storage_options)
@@ -62,13 +90,14 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     scale = normalisation_scale(store)
     total_tokens = config.tokens or store.num_rows
     total_steps = max(1, total_tokens // config.batch_size)
-    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}"
+    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}{name_suffix}"
     return TrainingPlan(
         config=config, store_url=store.url, d_model=store.d_model, d_sae=d_sae, name=name,
         folder=Run(config.run, config.storage_options).dictionary_url(name), total_steps=total_steps,
         warmup_steps=max(1, min(config.lr_warmup_steps, total_steps // 10)),  # short runs still reach the peak
         dead_tokens=config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4)),
-        peak_lr=config.lr or default_lr(config.optimizer, d_sae), scale=scale, variance=data_variance(store, scale))
+        peak_lr=config.lr or default_lr(config.optimizer, d_sae), scale=scale, variance=data_variance(store, scale),
+        data_seed=config.seed)
 
 
 # At 2^14 latents. Adam's is 4x Gao et al.'s 2e-4: on the demo model's real activations (block 15,

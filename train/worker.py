@@ -1,16 +1,18 @@
 """The per-worker training loop: rank r of N reads its own data lanes, which make up its slice of
-every global batch, so N workers see exactly the batches one worker reading all lanes would."""
+every global batch, so N workers see exactly the batches one worker reading all lanes would. A job
+trains one dictionary or a sweep's many: each batch is read once and stepped by every one."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from lexica.progress import Progress
 from lexica.store import ActivationStore
-from lexica.train.data import Prefetcher, shuffled_batches
+from lexica.train.data import Prefetcher, ReadCount, shuffled_batches
 from lexica.train.memory import retain_freed_memory
 from lexica.train.optimizers import evaluation_weights, new_optimizer, training_weights
 from lexica.train.plan import TrainingPlan, new_dictionary
@@ -18,90 +20,155 @@ from lexica.train.resample import resample_dead
 from lexica.train.step import FiringTracker, learning_rate, train_step
 
 
-def train_worker(plan: TrainingPlan, rank: int = 0, world: int = 1, device="cpu", resume: dict | None = None,
-                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 on_report: Callable[[dict, dict | None], None] | None = None, checkpoint_every: int = 0,
-                 show_progress: bool = True):
-    """Train on this worker's slice of every global batch; returns the (unwrapped) dictionary.
+@dataclass
+class Member:
+    """One dictionary of the job and everything its steps change: weights, optimiser, firing
+    tracker, resampling count."""
 
-    ``on_report(metrics, state_or_None)`` receives metric lines and, every ``checkpoint_every``
-    steps and at the end, the full training state for a checkpoint.
-    """
+    plan: TrainingPlan
+    dictionary: torch.nn.Module
+    model: torch.nn.Module  # the dictionary, wrapped for DDP when there are several workers
+    optimizer: torch.optim.Optimizer
+    tracker: FiringTracker
+    resampled: int = 0
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "dictionary": self.dictionary.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "tokens_since_fired": self.tracker.tokens_since_fired.clone(), "resampled": self.resampled}
+
+
+def new_member(plan: TrainingPlan, first_batch: Callable[[], torch.Tensor], device, resume: dict | None,
+               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None) -> Member:
+    """A dictionary initialised from the job's first global batch, or restored from ``resume``."""
     config = plan.config
-    retain_freed_memory()  # the step's temporaries are reused, not page-faulted in afresh
-    store = ActivationStore(plan.store_url, config.storage_options)
     dictionary = new_dictionary(plan, device)
-    lanes = config.lanes()
-    per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
     tracker = FiringTracker.create(plan.d_sae, device)
-    start_step = 0
     if resume:
         dictionary.load_state_dict(resume["dictionary"])
         tracker.tokens_since_fired.copy_(resume["tokens_since_fired"])
-        start_step = resume["step"]
     else:
-        first = next(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale, device,
-                                      lanes=lanes))  # the whole global batch: every worker starts the same
-        dictionary.initialise_from(first)
+        dictionary.initialise_from(first_batch())
     # Made after the weights are final: schedule-free averaging starts from a copy of them.
     optimizer = new_optimizer(dictionary, plan.peak_lr, config.optimizer, config.schedule, config.momentum)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
-        if start_step < plan.total_steps:
+        if resume["step"] < plan.total_steps:
             training_weights(optimizer)  # a finished run's state holds the averaged weights
-    model = wrap(dictionary) if wrap else dictionary
-    progress = Progress("train", plan.total_steps, "steps", interval=5.0)
-    # Started only now, right before the try that closes it: nothing above can leave its thread running.
-    batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, config.seed, plan.scale,
-                                          device, skip_batches=resume["step"] if resume else 0, lanes=lanes,
-                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker))))
+    return Member(plan, dictionary, wrap(dictionary) if wrap else dictionary, optimizer, tracker,
+                  resume.get("resampled", 0) if resume else 0)
+
+
+def member_step(member: Member, step: int, batch: torch.Tensor):
+    """One optimiser step of one dictionary on the shared batch; returns the step's output and the
+    dead fraction it trained with."""
+    plan, config = member.plan, member.plan.config
     # Schedule-free averaging replaces the decay: its averaged weights are what a decay would reach.
     decay_fraction = 0.0 if config.schedule == "schedule-free" else config.lr_decay_fraction
-    resampled = resume.get("resampled", 0) if resume else 0
+    for group in member.optimizer.param_groups:
+        group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps, decay_fraction)
+    member.dictionary.begin_step(step, plan.total_steps)
+    tracker = member.tracker
+    dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
+    output = train_step(member.model, member.optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
+    tracker.update(output.fired, tokens=config.batch_size)
+    done = step + 1
+    if config.resample_every and done % config.resample_every == 0 and done < plan.total_steps:
+        # Seeded by the step, so a resumed run resamples exactly as an uninterrupted one.
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + done)
+        revived = resample_dead(member.dictionary, member.optimizer, batch,
+                                tracker.tokens_since_fired >= plan.dead_tokens, generator)
+        tracker.tokens_since_fired[revived] = 0
+        member.resampled += len(revived)
+    if done == plan.total_steps:
+        evaluation_weights(member.optimizer)  # the last state holds the weights to export
+    return output, float(dead_mask.float().mean())
+
+
+def member_metrics(member: Member, done: int, output, dead_fraction: float, timing: dict) -> dict:
+    """The dictionary's metrics line after ``done`` steps; starts its next firing window."""
+    tracker = member.tracker
+    frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
+    metrics = {"step": done, "tokens": done * member.plan.config.batch_size, "loss": float(output.loss.detach()),
+               **output.terms, "dead_fraction": dead_fraction, "resampled": member.resampled,
+               "dense_fraction": float((frequencies > 0.1).float().mean()),
+               "lr": member.optimizer.param_groups[0]["lr"], **timing}
+    tracker.reset_window()
+    return metrics
+
+
+def job_total(value: int) -> int:
+    """``value`` summed over the job's workers (itself with one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    total = torch.tensor([value], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        total = total.cuda()
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, device="cpu",
+                 resume: list[dict] | None = None, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 on_report: Callable[[list[dict | None], list[dict | None]], None] | None = None,
+                 checkpoints: bool = False, show_progress: bool = True) -> list[torch.nn.Module]:
+    """Train the job's dictionaries (one, or a sweep's) on this worker's slice of every global
+    batch, each batch read once and given to every dictionary; returns the (unwrapped) dictionaries.
+
+    ``on_report(metrics, states)`` receives, per dictionary, its metric lines and, every
+    ``checkpoint_every`` steps (when ``checkpoints``) and at the end, its full training state.
+    """
+    config = plans[0].config  # the data stream's knobs are shared by every plan of a job
+    total_steps = plans[0].total_steps
+    retain_freed_memory()  # the step's temporaries are reused, not page-faulted in afresh
+    store = ActivationStore(plans[0].store_url, config.storage_options)
+    lanes = config.lanes()
+    per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
+    scale, data_seed = plans[0].scale, plans[0].data_seed
+    first: list[torch.Tensor] = []
+    read_count = ReadCount()  # what this worker read of the store (the first batch included)
+
+    def first_batch() -> torch.Tensor:  # the whole global batch: every worker starts the same
+        if not first:
+            first.append(next(shuffled_batches(store, config.batch_size, config.buffer_rows, data_seed, scale, device,
+                                               lanes=lanes, read_count=read_count)))
+        return first[0]
+
+    members = [new_member(plan, first_batch, device, resume[index] if resume else None, wrap)
+               for index, plan in enumerate(plans)]
+    first.clear()
+    start_step = resume[0]["step"] if resume else 0
+    progress = Progress("train", total_steps, "steps", interval=5.0)
+    # Started only now, right before the try that closes it: nothing above can leave its thread running.
+    batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, data_seed, scale, device,
+                                          skip_batches=start_step, lanes=lanes,
+                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker)),
+                                          read_count=read_count))
     started = window_started = time.monotonic()
     window_waited = 0.0
     try:
-        for step in range(start_step, plan.total_steps):
+        for step in range(start_step, total_steps):
             batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, plan.total_steps, plan.peak_lr, plan.warmup_steps, decay_fraction)
-            dictionary.begin_step(step, plan.total_steps)
-            dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
-            output = train_step(model, optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
-            tracker.update(output.fired, tokens=config.batch_size)
+            results = [member_step(member, step, batch) for member in members]
             done = step + 1
-            if config.resample_every and done % config.resample_every == 0 and done < plan.total_steps:
-                # Seeded by the step, so a resumed run resamples exactly as an uninterrupted one.
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + done)
-                revived = resample_dead(dictionary, optimizer, batch, tracker.tokens_since_fired >= plan.dead_tokens,
-                                        generator)
-                tracker.tokens_since_fired[revived] = 0
-                resampled += len(revived)
-            metrics = None
-            if done % config.log_every == 0 or done == plan.total_steps:
-                frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
-                metrics = {"step": done, "tokens": done * config.batch_size, "loss": float(output.loss.detach()),
-                           **output.terms,
-                           "dead_fraction": float(dead_mask.float().mean()), "resampled": resampled,
-                           "dense_fraction": float((frequencies > 0.1).float().mean()),
-                           "lr": optimizer.param_groups[0]["lr"],
-                           "tokens_per_second": (done - start_step) * config.batch_size / (time.monotonic() - started),
-                           # Time the loop sat waiting for data; the prefetch thread should keep it near 0.
-                           "data_wait_fraction": (batches.waited - window_waited) / (time.monotonic() - window_started)}
-                tracker.reset_window()
+            metrics_lines: list[dict | None] = [None] * len(members)
+            if done % config.log_every == 0 or done == total_steps:
+                now = time.monotonic()
+                timing = {"tokens_per_second": (done - start_step) * config.batch_size / (now - started),
+                          # Time the loop sat waiting for data; the prefetch thread should keep it near 0.
+                          "data_wait_fraction": (batches.waited - window_waited) / (now - window_started),
+                          "store_bytes_read": job_total(read_count.bytes)}
+                metrics_lines = [member_metrics(member, done, output, dead, timing)
+                                 for member, (output, dead) in zip(members, results)]
                 window_started, window_waited = time.monotonic(), batches.waited
-            state = None
-            if done == plan.total_steps:
-                evaluation_weights(optimizer)  # the last state holds the weights to export
-            if done == plan.total_steps or (checkpoint_every and done % checkpoint_every == 0):
-                state = {"step": done, "dictionary": dictionary.state_dict(), "optimizer": optimizer.state_dict(),
-                         "tokens_since_fired": tracker.tokens_since_fired.clone(), "resampled": resampled}
-            if on_report and (metrics or state):
-                on_report(metrics, state)
+            states: list[dict | None] = [None] * len(members)
+            if done == total_steps or (checkpoints and config.checkpoint_every and done % config.checkpoint_every == 0):
+                states = [member.state(done) for member in members]
+            if on_report and (metrics_lines[0] or states[0]):
+                on_report(metrics_lines, states)
             if rank == 0 and show_progress:
-                progress.update(done, done * config.batch_size,
-                                f"fvu {output.terms['fvu']:.3f}  dead {float(dead_mask.float().mean()):.1%}",
-                                final=done == plan.total_steps)
+                shown = "  ".join(f"fvu {output.terms['fvu']:.3f} dead {dead:.1%}" for output, dead in results[:4])
+                progress.update(done, done * config.batch_size, shown + ("  ..." if len(results) > 4 else ""),
+                                final=done == total_steps)
     finally:
         batches.close()
-    return dictionary
+    return [member.dictionary for member in members]
