@@ -80,6 +80,9 @@ def build_atlas(config: AnalysisConfig) -> dict:
         "dictionary": dictionary.name, "dictionary_url": dictionary.url, "architecture":
             dictionary.metadata.get("lexica_architecture", dictionary.config.get("architecture")),
         "d_sae": dictionary.d_sae, "d_in": int(dictionary.config["d_in"]), "store": store.url, "hook": store.hook,
+        # A transcoder's features read the hook and write the target: contexts come from the
+        # hook's store, logit effects and neighbours from its decoder (the target's space).
+        "target_hook": dictionary.target_hook,
         "model": model.path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
         "neighbours_exact": exact, "neighbours_recall": round(recall, 4),
         "dead_features": int((features.column("fires").to_numpy() == 0).sum()),

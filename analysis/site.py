@@ -275,7 +275,7 @@ def _head(title: str, css: str, policy: str) -> str:
 
 def _summary_line(summary: dict) -> str:
     facts = []
-    for key in ("model", "hook", "d_sae", "tokens", "store"):
+    for key in ("model", "hook", "target_hook", "d_sae", "tokens", "store"):
         value = summary.get(key)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             shown = f"{value:,}" if isinstance(value, int) else value

@@ -41,7 +41,18 @@ class Dictionary:
 
     @property
     def hook(self) -> str | None:
+        """The hook point the dictionary reads (encodes)."""
         return self.metadata.get("hook")
+
+    @property
+    def target_hook(self) -> str | None:
+        """A transcoder's: the hook point it writes (decodes into); None for an autoencoder."""
+        return self.metadata.get("target_hook")
+
+    @property
+    def output_hook(self) -> str | None:
+        """Where the decoder's directions live: the target of a transcoder, else the hook itself."""
+        return self.target_hook or self.hook
 
     def encode(self, activations: torch.Tensor) -> SparseCode:
         """Raw activations [n, d_in] (the hook's own scale: normalisation is folded in) → the
@@ -52,6 +63,12 @@ class Dictionary:
     def decode(self, code: SparseCode) -> torch.Tensor:
         with torch.no_grad():
             return self.module.decode(code)
+
+    def reconstruct(self, activations: torch.Tensor) -> torch.Tensor:
+        """The dictionary's output for raw activations of its hook: decode(encode(x)), plus a
+        skip-transcoder's linear path; for a transcoder, activations of its target hook."""
+        with torch.no_grad():
+            return self.module.reconstruct(activations.to(self.W_enc.dtype))
 
     # The weights, SAELens' names and shapes: W_enc [d_in, d_sae], W_dec [d_sae, d_in].
     @property

@@ -15,6 +15,7 @@ feature, negative values invert it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -34,7 +35,7 @@ from lexica.hooks import count_blocks
 from lexica.models import load_causal_lm
 from lexica.run import Run
 from lexica.train.architectures import SparseCode
-from lexica.train.evaluate import Splice
+from lexica.train.evaluate import Splice, source_inputs
 
 MULTIPLE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*[xX×]\s*")
 
@@ -75,15 +76,19 @@ def feature_values(code: SparseCode, features: torch.Tensor) -> torch.Tensor:
     return (code.values.unsqueeze(-1) * matches).sum(1)
 
 
-def clamp(dictionary: torch.nn.Module, interventions: dict[int, float]):
-    """The activation map h → h + Σ_f (v_f − code_f(h))·W_dec[f] for ``Splice.replace``."""
+def clamp(dictionary: torch.nn.Module, interventions: dict[int, float], source: Splice | None = None):
+    """The activation map h → h + Σ_f (v_f − code_f(h))·W_dec[f] for ``Splice.replace``. For a
+    transcoder, h is its target hook's activation and the codes come from its input hook's in the
+    same pass (``source``, the Splice recording it): the MLP's output moves along the feature's
+    decoder direction by what the clamp adds to the feature."""
     features = torch.tensor(list(interventions), dtype=torch.long, device=dictionary.W_dec.device)
     targets = torch.tensor(list(interventions.values()), dtype=torch.float32, device=dictionary.W_dec.device)
     directions = dictionary.W_dec.detach().float()[features]
 
     def replace(activations: torch.Tensor) -> torch.Tensor:
         flat = activations.reshape(-1, activations.shape[-1]).float()
-        current = feature_values(dictionary.encode(flat), features)
+        inputs = flat if source is None else source_inputs(source, activations)
+        current = feature_values(dictionary.encode(inputs), features)
         # A target equal to the current value gives a delta of exactly 0, so h comes back bit for bit.
         return (flat + (targets - current) @ directions).reshape(activations.shape)
 
@@ -167,26 +172,38 @@ def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, temper
     return generated
 
 
+def steering_splices(model: torch.nn.Module, dictionary: torch.nn.Module, hook_name: str,
+                     interventions: dict[int, float], target_hook: str | None = None) -> tuple[Splice, Splice | None]:
+    """(the Splice that clamps, the Splice recording a transcoder's input or None): an
+    autoencoder's features are clamped at its hook, a transcoder's at its target hook."""
+    source = Splice(model, hook_name, count_blocks(model)) if target_hook else None
+    splice = Splice(model, target_hook or hook_name, count_blocks(model))
+    splice.replace = clamp(dictionary, interventions, source)
+    return splice, source
+
+
 @torch.no_grad()
 def clamped_logits(model: torch.nn.Module, dictionary: torch.nn.Module, hook_name: str,
-                   interventions: dict[int, float], input_ids: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
+                   interventions: dict[int, float], input_ids: torch.Tensor, skip_first: bool = False,
+                   target_hook: str | None = None) -> torch.Tensor:
     """Logits [batch, seq, vocab] of one forward pass with the features clamped (no cache)."""
     dictionary = dictionary.to(input_ids.device)
-    splice = Splice(model, hook_name, count_blocks(model))
-    splice.replace, splice.first = clamp(dictionary, interventions), 1 if skip_first else 0
-    with splice:
+    splice, source = steering_splices(model, dictionary, hook_name, interventions, target_hook)
+    splice.first = 1 if skip_first else 0
+    with splice, source or contextlib.nullcontext():
         return model(input_ids=input_ids, use_cache=False).logits
 
 
 def steer(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_name: str,
           interventions: dict[int, float], prompt: str, max_new_tokens: int = 40, seed: int = 0,
-          temperature: float = 0.0, skip_first: bool = False) -> SteeringResult:
+          temperature: float = 0.0, skip_first: bool = False, target_hook: str | None = None) -> SteeringResult:
     """Baseline and steered continuations of ``prompt`` (greedy at temperature 0, else sampled
     with the same seeded stream for both).
 
     ``model`` is a causal LM; ``dictionary`` takes raw activations of ``hook_name``;
     ``interventions`` maps feature ids to absolute target activations. ``skip_first``: the store
     prepends a BOS (its manifest's ``bos.prepend``): prepend it here too and leave it unsteered.
+    ``target_hook``: a transcoder's, where its features are clamped (from ``hook_name``'s codes).
     """
     d_sae = int(dictionary.W_dec.shape[0])
     if not interventions:
@@ -198,9 +215,8 @@ def steer(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_n
     device = next(model.parameters()).device
     dictionary = dictionary.to(device)
     baseline = generate(model, ids, max_new_tokens, temperature, seed)
-    splice = Splice(model, hook_name, count_blocks(model))
-    splice.replace = clamp(dictionary, interventions)
-    with splice:
+    splice, source = steering_splices(model, dictionary, hook_name, interventions, target_hook)
+    with splice, source or contextlib.nullcontext():
         steered = generate(model, ids, max_new_tokens, temperature, seed, splice, skip_first)
 
     def text(tokens: list[int]) -> str:
@@ -267,7 +283,8 @@ def steer_run(run_url: str, prompt: str, features: dict[int, float | str], dicti
     check_width(causal_lm, loaded)
     bos = bool((loaded.manifest.get("bos") or {}).get("prepend"))
     result = steer(causal_lm, loaded.tokenizer, loaded.dictionary.module, loaded.hook, interventions, prompt,
-                   max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, skip_first=bos)
+                   max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, skip_first=bos,
+                   target_hook=loaded.dictionary.target_hook)
     result.dictionary, result.hook, result.model = loaded.dictionary.name, loaded.hook, loaded.model_path
     result.requested = {int(feature): parse_value(value) for feature, value in features.items()}
     return result

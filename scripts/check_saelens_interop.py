@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 D_IN, D_SAE, K, HOOK = 32, 128, 6, "resid_post.3"
+D_OUT = 24  # a transcoder's output width (mlp_in.3 -> mlp_out.3 here; any pair works)
 TOLERANCE = 1e-5
 
 
@@ -67,6 +68,52 @@ def lexica_to_saelens(work: str) -> list[tuple[str, float, str]]:
                 theirs.cfg.metadata.model_name != "synthetic-model":
             difference = float("inf")
         results.append((f"Lexica {architecture} -> SAELens", difference, names))
+    return results + transcoders_to_saelens(work)
+
+
+def transcoders_to_saelens(work: str) -> list[tuple[str, float, str]]:
+    """Lexica transcoders (each architecture SAELens has a transcoder for, with and without the
+    skip path), exported with two normalisation scales folded in, against SAELens' output."""
+    from sae_lens import SAE
+
+    from lexica.train.architectures import build
+    from lexica.train.export import export_dictionary, load_dictionary
+    from lexica.train.optimizers import new_optimizer
+    from lexica.train.step import train_step
+
+    results = []
+    scale, target_scale = 0.37, 1.9
+    projection = torch.randn(D_IN, D_OUT, generator=torch.Generator().manual_seed(5)) / D_IN**0.5
+    for architecture in ("batchtopk", "matryoshka", "jumprelu", "relu"):
+        for skip in (False, True):
+            dictionary = build(architecture, d_in=D_IN, d_sae=D_SAE, k=K, seed=1, d_out=D_OUT, skip=skip)
+
+            def pair(seed: int) -> torch.Tensor:
+                x = data(512, seed)
+                return torch.cat([x * scale, torch.relu(x @ projection) * target_scale], 1)
+
+            dictionary.initialise_from(pair(0))
+            optimizer = new_optimizer(dictionary, 1e-3)
+            for step in range(20):
+                dictionary.begin_step(step, 20)
+                train_step(dictionary, optimizer, pair(step + 1), None)
+            case = f"{architecture}{' skip' if skip else ''} transcoder"
+            folder = os.path.join(work, "lexica", case.replace(" ", "-"))
+            metadata = {"hook": "mlp_in.3", "target_hook": "mlp_out.3", "model": {"id": "synthetic-model"}}
+            export_dictionary(dictionary, scale, folder, metadata, target_scale=target_scale)
+            ours, theirs = load_dictionary(folder), SAE.load_from_disk(folder, device="cpu")
+            x = data(256, 99)
+            with torch.no_grad():
+                difference = relative(ours.reconstruct(x), theirs(x))
+                l0 = float((theirs.encode(x) > 0).sum(1).float().mean())
+            if not l0 > 0:
+                difference = float("inf")  # a transcoder that never fires would match vacuously
+            metadata = theirs.cfg.metadata
+            if (metadata.hook_name, metadata.hook_name_out) != ("blocks.3.ln2.hook_normalized",
+                                                                "blocks.3.hook_mlp_out"):
+                difference = float("inf")
+            results.append((f"Lexica {case} -> SAELens", difference,
+                            f"{type(theirs).__name__}, {metadata.hook_name} -> {metadata.hook_name_out}, L0 {l0:.1f}"))
     return results
 
 
@@ -77,16 +124,24 @@ def saelens_dictionaries():
         BatchTopKTrainingSAEConfig,
         JumpReLUSAE,
         JumpReLUSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
         MatryoshkaBatchTopKTrainingSAE,
         MatryoshkaBatchTopKTrainingSAEConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
         StandardSAE,
         StandardSAEConfig,
         TopKSAE,
         TopKSAEConfig,
+        Transcoder,
+        TranscoderConfig,
     )
 
-    metadata = {"hook_name": "blocks.3.hook_resid_post", "model_name": "synthetic-model"}
     common = {"d_in": D_IN, "d_sae": D_SAE}
+    transcoding = {**common, "d_out": D_OUT, "apply_b_dec_to_input": False}
     cases = [
         ("standard", StandardSAE(StandardSAEConfig(**common))),
         ("standard, apply_b_dec_to_input false", StandardSAE(StandardSAEConfig(**common, apply_b_dec_to_input=False))),
@@ -97,16 +152,24 @@ def saelens_dictionaries():
         ("batchtopk (saved for inference)", BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=K))),
         ("matryoshka_batchtopk (saved for inference)", MatryoshkaBatchTopKTrainingSAE(
             MatryoshkaBatchTopKTrainingSAEConfig(**common, k=K, matryoshka_widths=[32, 64, D_SAE]))),
+        ("transcoder", Transcoder(TranscoderConfig(**transcoding))),
+        ("skip_transcoder", SkipTranscoder(SkipTranscoderConfig(**transcoding))),
+        ("jumprelu_transcoder", JumpReLUTranscoder(JumpReLUTranscoderConfig(**transcoding))),
+        ("jumprelu_skip_transcoder", JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(**transcoding))),
     ]
     generator = torch.Generator().manual_seed(3)
     for case, sae in cases:
-        for key, value in metadata.items():
+        hooks = {"hook_name": "blocks.3.ln2.hook_normalized", "hook_name_out": "blocks.3.hook_mlp_out"} \
+            if "transcoder" in case else {"hook_name": "blocks.3.hook_resid_post"}
+        for key, value in {**hooks, "model_name": "synthetic-model"}.items():
             sae.cfg.metadata[key] = value
         with torch.no_grad():
             for name, parameter in sae.named_parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.3 if name != "b_dec" else 2))
             if hasattr(sae, "W_dec"):  # rows of uneven norms: the rescaling must matter
                 sae.W_dec.mul_(torch.rand(D_SAE, 1, generator=generator) + 0.2)
+            if hasattr(sae, "W_skip"):
+                sae.W_skip.mul_(0.1)
             if hasattr(sae, "threshold"):
                 sae.threshold.copy_(torch.rand(D_SAE, generator=generator))
             if hasattr(sae, "topk_threshold"):
@@ -133,9 +196,12 @@ def saelens_to_lexica(work: str) -> list[tuple[str, float, str]]:
             their_codes = theirs.encode(x)
             code = ours.encode(x)
             our_codes = torch.zeros_like(their_codes).scatter_add(1, code.indices, code.values)
-            difference = max(relative(ours.decode(code), theirs.decode(their_codes)), relative(our_codes, their_codes))
+            # A transcoder's output (its skip path included) is what SAELens' forward returns.
+            difference = max(relative(ours.reconstruct(x), theirs(x)), relative(our_codes, their_codes))
+        target = ours.metadata.get("target_hook")
         results.append((f"SAELens {case} -> Lexica", difference,
-                        f"{type(theirs).__name__} -> {ours.metadata['lexica_architecture']}, hook {ours.hook}"))
+                        f"{type(theirs).__name__} -> {ours.metadata['lexica_architecture']}, hook {ours.hook}"
+                        + (f" -> {target}" if target else "")))
     return results
 
 

@@ -100,7 +100,7 @@ def test_an_imported_dictionary_computes_what_saelens_computes(case, run_with_st
     ("standard", {"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm'"),
     ("standard", {"reshape_activations": "hook_z"}, "reshape_activations 'hook_z'"),
     ("gated", {}, "architecture 'gated' has no Lexica equivalent"),
-    ("transcoder", {}, "is a transcoder"),
+    ("transcoder", {}, "apply_b_dec_to_input is true on a transcoder"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(architecture, flags, message, run_with_store, tmp_path):
     saelens_folder(tmp_path / "sae", architecture, **flags)

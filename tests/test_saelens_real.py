@@ -1,6 +1,6 @@
 """Lexica and SAELens both ways against the real SAELens package, which lives in a venv of its own
 (``make peers``; CI makes it and sets LEXICA_REQUIRE_PEERS=1, so there this test cannot skip):
-scripts/check_saelens_interop.py exports every Lexica architecture and loads it in SAELens, saves
+scripts/check_saelens_interop.py exports every Lexica architecture (and transcoder) and loads it in SAELens, saves
 every SAELens architecture Lexica imports and imports it, and compares what both compute."""
 
 from __future__ import annotations
@@ -25,4 +25,4 @@ def test_every_architecture_round_trips_through_the_real_saelens():
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert len(lines) == 12 and all(line.startswith("ok") for line in lines), result.stdout
+    assert len(lines) == 24 and all(line.startswith("ok") for line in lines), result.stdout

@@ -36,7 +36,7 @@ def test_each_dictionary_of_a_sweep_equals_it_trained_alone(store_url, tmp_path)
     names = [summary["name"] for summary in swept["dictionaries"]]
     assert names == ["topk-resid_post.0-4x-k8", "batchtopk-resid_post.0-4x-k4-lr0.003",
                      "relu-resid_post.0-4x-k8-seed3-l1coefficient3"]
-    for variant, summary in zip(VARIANTS, swept["dictionaries"]):
+    for variant, summary in zip(VARIANTS, swept["dictionaries"], strict=True):
         # Alone: the variant's knobs, but the data order of the sweep's seed (1).
         knobs = {**variant, "seed": variant.get("seed", 1)}
         alone = fit(base_config(tmp_path / f"alone-{summary['name']}", store_url, **knobs))
@@ -91,12 +91,13 @@ def test_a_sweep_trains_with_ddp_and_resumes_from_its_checkpoint(ray_cluster, st
     config = base_config(tmp_path / "ddp", store_url, sweep=variants, workers=2, checkpoint_every=10, name="pair")
     two = fit(config)
     one = fit(base_config(tmp_path / "one", store_url, sweep=variants, workers=0, data_lanes=2))
-    for ddp, alone in zip(two["dictionaries"], one["dictionaries"]):
+    for ddp, alone in zip(two["dictionaries"], one["dictionaries"], strict=True):
         for key, tensor in alone["dictionary"].state_dict().items():
             torch.testing.assert_close(ddp["dictionary"].state_dict()[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     states = glob.glob(str(tmp_path / "ddp" / "sweeps" / "pair" / "checkpoints" / "checkpoint_*" / "*" / "state.pt"))
     assert {os.path.basename(os.path.dirname(path)) for path in states} == {"topk-resid_post.0-4x-k4", "jump"}
     # Re-running the finished sweep resumes from its last checkpoint: nothing is trained again.
     again = fit(config)
-    for before, after in zip(two["dictionaries"], again["dictionaries"]):
-        torch.testing.assert_close(after["dictionary"].state_dict()["W_dec"], before["dictionary"].state_dict()["W_dec"])
+    for before, after in zip(two["dictionaries"], again["dictionaries"], strict=True):
+        torch.testing.assert_close(after["dictionary"].state_dict()["W_dec"],
+                                   before["dictionary"].state_dict()["W_dec"])

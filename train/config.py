@@ -17,7 +17,12 @@ class TrainConfig:
                                  "that holds store)")
     store: str | None = knob(None, "activation store URL (default: <run>/activations/<hook>)")
     hook: str | None = knob(None, "hook whose store to train on when store is not given, e.g. resid_post.15")
-    name: str | None = knob(None, "dictionary name (default: <architecture>-<hook>-<width>-k<k>)")
+    target: str | None = knob(None, "make a transcoder: the hook point it reconstructs from the hook it reads, e.g. "
+                                    "hook mlp_in.15, target mlp_out.15 (the MLP's input to its output); both stores "
+                                    "from the same harvest (topk, batchtopk or matryoshka)")
+    skip: bool = knob(False, "a skip-transcoder: the transcoder adds a learned linear path from input to output")
+    name: str | None = knob(None, "dictionary name (default: <architecture>-<hook>-<width>-k<k>, a transcoder's "
+                                  "<architecture>-<hook>-to-<target>-<width>-k<k>)")
     architecture: str = knob("topk", "dictionary architecture (plugins in train/architectures/)")
     width: str = knob("16x", "latents: a multiple of d_model ('16x') or an absolute count ('4096')")
     k: int = knob(32, "active latents per token (TopK)")
@@ -64,7 +69,7 @@ class TrainConfig:
                                         "e.g. {k: [16, 32], width: [8x, 16x]}; a variant sets name, architecture, "
                                         "width, k, lr, seed (its initialisation), optimizer, schedule, momentum, "
                                         "lr_warmup_steps, lr_decay_fraction, dead_tokens, aux_coefficient, "
-                                        "resample_every or extra; train.name then names the sweep")
+                                        "resample_every, skip or extra; train.name then names the sweep")
 
     def latents(self, d_model: int) -> int:
         text = str(self.width).strip()
@@ -103,9 +108,14 @@ class TrainConfig:
             raise ConfigError(f"lr = {self.lr} is invalid; expected > 0")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction = {self.lr_decay_fraction} is invalid; expected 0..1")
-        from lexica.train.architectures import architecture_options
+        from lexica.train.architectures import ARCHITECTURES, architecture_options, transcodes
 
         architecture_options(self.architecture, self.extra)  # unknown, mistyped or out-of-range options
+        if self.skip and not self.target:
+            raise ConfigError("skip: true makes a skip-transcoder; give train.target (the hook it reconstructs)")
+        if self.target and not transcodes(self.architecture):
+            raise ConfigError(f"architecture {self.architecture!r} cannot be a transcoder yet; transcoders are "
+                              f"{', '.join(sorted(name for name in ARCHITECTURES if transcodes(name)))}")
         return self
 
 

@@ -47,21 +47,50 @@ class ReadCount:
     bytes: int = 0
 
 
+def paired_commits(store: ActivationStore, target: ActivationStore) -> None:
+    """Refuse a transcoder's two stores unless they come from one harvest: the same plan, model
+    and windows, and the same committed parts row for row, so they can be read in lockstep."""
+    for key in ("plan_fingerprint", "model", "context_length", "bos"):
+        if store.manifest.get(key) != target.manifest.get(key):
+            raise StoreError(f"stores {store.url} and {target.url} differ in {key}; a transcoder's input and target "
+                             "must come from one harvest (harvest both hooks in one pass: --hook mlp_in.L,mlp_out.L)")
+    mine = [(commit.shard, commit.rows) for commit in store.commits() if commit.rows]
+    theirs = [(commit.shard, commit.rows) for commit in target.commits() if commit.rows]
+    if mine != theirs:
+        missing = sorted(set(mine) ^ set(theirs))[:3]
+        raise StoreError(f"stores {store.url} and {target.url} hold different parts (shard, rows) {missing}; finish "
+                         "the harvest of both (re-running it completes the one behind)")
+
+
+def _paired_batches(store: ActivationStore, target: ActivationStore, shard: int, read_rows: int):
+    """The shard's rows of both stores side by side, checked to be the same tokens."""
+    for mine, theirs in zip(store.iter_batches(batch_rows=read_rows, shards=[shard]),
+                            target.iter_batches(batch_rows=read_rows, shards=[shard]), strict=True):
+        if not (torch.equal(mine.doc_id, theirs.doc_id) and torch.equal(mine.position, theirs.position)):
+            raise StoreError(f"shard {shard} of {store.url} and {target.url} hold different tokens; a transcoder's "
+                             "stores must come from one harvest")
+        yield mine._replace(activation=torch.cat([mine.activation, theirs.activation.to(mine.activation.dtype)], 1))
+
+
 def _row_stream(store: ActivationStore, commits: list, epoch: int, seed: int, lane: int, lanes: int,
-                read_rows: int, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
+                read_rows: int, read_count: ReadCount | None = None,
+                target: ActivationStore | None = None) -> Iterator[torch.Tensor]:
     """Rows of this lane's parts for one epoch: the epoch's seeded permutation of all parts, dealt
-    to the lanes like cards (lane r gets every lanes-th part from the r-th)."""
+    to the lanes like cards (lane r gets every lanes-th part from the r-th). With a ``target``
+    store (a transcoder's), each row is the input's activation and the target's side by side."""
     order = torch.randperm(len(commits), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     for index in order.tolist()[lane::lanes]:
         commit = commits[index]
-        for batch in store.iter_batches(batch_rows=read_rows, shards=[commit.shard]):
+        batches = store.iter_batches(batch_rows=read_rows, shards=[commit.shard]) if target is None else \
+            _paired_batches(store, target, commit.shard, read_rows)
+        for batch in batches:
             if len(batch.activation) and not all_finite(batch.activation):
                 raise StoreError(f"shard {commit.shard} (part {commit.part}) of {store.url} holds NaN or infinite "
                                  "activations; re-harvest it (delete its commit record and re-run the harvest)")
             yield batch.activation
         if read_count is not None:
-            read_count.parts += 1
-            read_count.bytes += commit.bytes
+            read_count.parts += 1 if target is None else 2
+            read_count.bytes += commit.bytes + (0 if target is None else target_bytes(target, commit.shard))
 
 
 def all_finite(activations: torch.Tensor) -> bool:
@@ -78,9 +107,14 @@ def data_variance(store: ActivationStore, scale: float) -> float:
     return float(scale**2 * (statistics["mean_squared_norm"] - mean.square().sum()))
 
 
-def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int, scale: float,
-                     device: torch.device | str = "cpu", skip_batches: int = 0, lanes: int = 1,
-                     lane_ids: list[int] | None = None, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
+def target_bytes(target: ActivationStore, shard: int) -> int:
+    return next(commit.bytes for commit in target.commits() if commit.shard == shard)
+
+
+def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, seed: int,
+                     scale: float | torch.Tensor, device: torch.device | str = "cpu", skip_batches: int = 0,
+                     lanes: int = 1, lane_ids: list[int] | None = None, read_count: ReadCount | None = None,
+                     target: ActivationStore | None = None) -> Iterator[torch.Tensor]:
     """Endless float32 batches of normalised activations.
 
     The stream is made of ``lanes`` independent lanes, each reading its own parts and shuffling
@@ -88,13 +122,14 @@ def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, 
     data-parallel worker reads only its lanes (``lane_ids``), so N workers read the store once
     between them, and one worker reading all lanes sees exactly the batches N workers see
     together. ``skip_batches`` resumes the same sequence part-way. ``read_count`` counts the parts
-    read.
+    read. With a ``target`` store (a transcoder's), rows are [input | target] activations and
+    ``scale`` a per-column tensor.
     """
     if batch_size % lanes:
         raise ConfigError(f"batch_size {batch_size} is not a multiple of the {lanes} data lanes")
     commits = _lane_commits(store, lanes)
     streams = [_lane_batches(store, commits, batch_size // lanes, max(1, buffer_rows // lanes), seed, lane, lanes,
-                             read_count)
+                             read_count, target)
                for lane in (range(lanes) if lane_ids is None else lane_ids)]
     skipped = 0
     while True:
@@ -107,17 +142,18 @@ def shuffled_batches(store: ActivationStore, batch_size: int, buffer_rows: int, 
 
 
 def _lane_batches(store: ActivationStore, commits: list, batch_rows: int, buffer_rows: int, seed: int, lane: int,
-                  lanes: int, read_count: ReadCount | None = None) -> Iterator[torch.Tensor]:
+                  lanes: int, read_count: ReadCount | None = None,
+                  target: ActivationStore | None = None) -> Iterator[torch.Tensor]:
     """One lane's endless batches (store dtype, not yet normalised): blocks of ``buffer_rows``,
     each permuted with its own seeded generator, rows left over carried into the next block."""
-    carry = torch.empty(0, store.d_model, dtype=store.dtype)
+    carry = torch.empty(0, store.d_model + (target.d_model if target is not None else 0), dtype=store.dtype)
     epoch = 0
     while True:
         block_index = 0
         pending: list[torch.Tensor] = []
         pending_rows = 0
         for rows in _row_stream(store, commits, epoch, seed, lane, lanes, read_rows=min(buffer_rows, 1 << 16),
-                                read_count=read_count):
+                                read_count=read_count, target=target):
             pending.append(rows)
             pending_rows += len(rows)
             if pending_rows >= buffer_rows:

@@ -8,6 +8,9 @@ the hooked activations replaced by the dictionary's reconstruction, and by zeros
 - ``kl``: mean KL(clean ‖ spliced) of the next-token distributions;
 - ``fvu`` and ``l0`` of the dictionary on the same held-out activations.
 
+A transcoder (reading one hook point, writing another) replaces its target's activations with its
+output from its input's activations in the same pass: mlp_in.L → mlp_out.L stands in for the MLP.
+
 Held-out text is the harvest corpus's documents after the harvested ones (or files the user names).
 Positions holding a prepended BOS are never spliced (the store never holds them, so the dictionary
 never saw them) and the predictions made there are not scored.
@@ -15,6 +18,7 @@ never saw them) and the predictions made there are not scored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,7 +28,7 @@ import torch
 from lexica.harvest.config import CorpusConfig
 from lexica.harvest.corpus import iter_documents, plan_shards
 from lexica.harvest.packing import split_windows, tokenize
-from lexica.hooks import first_tensor, hook_module, parse_hook
+from lexica.hooks import INPUT_KINDS, first_tensor, hook_module, parse_hook
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class Splice:
 
     def __init__(self, model: torch.nn.Module, hook_name: str, n_layers: int):
         hook = parse_hook(hook_name, n_layers)
-        self.module, self.pre = hook_module(model, hook), hook.kind == "resid_pre"
+        # The module's input for input kinds (mlp_in is the MLP's input, not its output).
+        self.module, self.pre = hook_module(model, hook), hook.kind in INPUT_KINDS
         self.replace, self.first, self.seen = None, 0, None
 
     def _swap(self, value: torch.Tensor) -> torch.Tensor:
@@ -109,10 +114,20 @@ class Splice:
         self.handle.remove()
 
 
-def reconstruct(dictionary: torch.nn.Module):
+def source_inputs(source: Splice, activations: torch.Tensor) -> torch.Tensor:
+    """A transcoder's inputs [n, d_in] for the target ``activations`` being replaced: what its
+    input hook (``source``) saw in this pass at the same positions (the last ones of the pass)."""
+    seen = source.seen[:, source.seen.shape[1] - activations.shape[1]:]
+    return seen.reshape(-1, seen.shape[-1]).float()
+
+
+def reconstruct(dictionary: torch.nn.Module, source: Splice | None = None):
+    """The hook point's replacement: the dictionary's reconstruction of its activations, or for a
+    transcoder its output from what ``source`` (the Splice recording its input hook) saw."""
     def replace(activations: torch.Tensor) -> torch.Tensor:
-        flat = activations.reshape(-1, activations.shape[-1]).float()
-        return dictionary.decode(dictionary.encode(flat)).reshape(activations.shape)
+        flat = activations.reshape(-1, activations.shape[-1]).float() if source is None else \
+            source_inputs(source, activations)
+        return dictionary.reconstruct(flat).reshape(*activations.shape[:-1], -1)
 
     return replace
 
@@ -120,8 +135,11 @@ def reconstruct(dictionary: torch.nn.Module):
 @torch.no_grad()
 def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int = 4096,
                         paths: list[str] | None = None, device: str = "auto",
-                        storage_options: dict | None = None) -> dict:
-    """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation folded)."""
+                        storage_options: dict | None = None, target_hook: str | None = None) -> dict:
+    """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation
+    folded). A transcoder (``target_hook``: the hook it writes) is spliced in place of that hook's
+    activations, from the activations of the store's hook in the same pass (for mlp_in.L →
+    mlp_out.L: in place of the MLP); its FVU is against the target's activations."""
     from lexica.models import config_from_manifest, load_causal_lm, load_tokenizer, resolve_device
 
     model_config = config_from_manifest(manifest, device=device, dtype="float32")
@@ -136,21 +154,26 @@ def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int
         log.warning("no held-out text to evaluate on (the store holds the whole corpus); set train.eval_corpus")
         return {}
     n_layers = model.config.num_hidden_layers
-    splice = Splice(model, manifest["hook"], n_layers)
+    splice = Splice(model, target_hook or manifest["hook"], n_layers)
     splice.first = 1 if bos else 0
+    source = None
+    if target_hook:
+        source = Splice(model, manifest["hook"], n_layers)  # records the transcoder's input
+        source.first = splice.first
     totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "error": 0.0, "variance": 0.0,
               "l0": 0.0, "activations": 0}
     scored = 0
     activation_sum = None
     activation_square_sum = 0.0
-    with splice:
+    with splice, (source or contextlib.nullcontext()):
         for ids in windows:
             batch = ids.unsqueeze(0).to(device)
             targets = batch[:, splice.first + 1:]
             splice.replace = None
             clean = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
             activations = splice.seen[0, splice.first:].float()
-            splice.replace = reconstruct(dictionary)
+            inputs = activations if source is None else source.seen[0, source.first:].float()
+            splice.replace = reconstruct(dictionary, source)
             spliced = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
             splice.replace = torch.zeros_like
             zero = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
@@ -159,8 +182,8 @@ def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int
             clean_log_probs, spliced_log_probs = clean.log_softmax(-1), spliced.log_softmax(-1)
             totals["kl"] += float((clean_log_probs.exp() * (clean_log_probs - spliced_log_probs)).sum())
             scored += targets.shape[1]
-            code = dictionary.encode(activations)
-            totals["error"] += float((dictionary.decode(code) - activations).pow(2).sum())
+            code = dictionary.encode(inputs)
+            totals["error"] += float((dictionary.reconstruct(inputs) - activations).pow(2).sum())
             totals["l0"] += float((code.values > 0).sum())
             totals["activations"] += len(activations)
             activation_sum = activations.sum(0) if activation_sum is None else activation_sum + activations.sum(0)

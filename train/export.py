@@ -20,15 +20,25 @@ class DictionaryError(LexicaError, ValueError):
     """An exported dictionary's files are missing, damaged or do not fit together."""
 
 
-def folded_weights(dictionary: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
+def folded_weights(dictionary: torch.nn.Module, scale: float,
+                   target_scale: float | None = None) -> dict[str, torch.Tensor]:
     """Weights that take raw activations: SAE_raw(x) = SAE(scale·x) / scale.
 
     Encoding (x·s − b_dec)·W_enc + b_enc equals (x − b_dec/s)·(s·W_enc) + b_enc, and decoding
-    divides by s, so W_enc is multiplied and W_dec and b_dec are divided by s.
+    divides by s, so W_enc is multiplied and W_dec and b_dec are divided by s. A transcoder's
+    output has its own scale t: decoding divides by t, and the skip path x·s·W_skipᵀ/t takes
+    W_skip·s/t.
     """
+    out_scale = scale if target_scale is None else target_scale
     with torch.no_grad():
         weights = {"W_enc": (dictionary.W_enc * scale).contiguous(), "b_enc": dictionary.b_enc.clone(),
-                   "W_dec": (dictionary.W_dec / scale).contiguous(), "b_dec": (dictionary.b_dec / scale).contiguous()}
+                   "W_dec": (dictionary.W_dec / out_scale).contiguous(),
+                   "b_dec": (dictionary.b_dec / out_scale).contiguous()}
+        if getattr(dictionary, "W_skip", None) is not None:
+            weights["W_skip"] = (dictionary.W_skip * (scale / out_scale)).contiguous()
+        if getattr(dictionary, "transcoder", False):
+            # (x·s − m)·W_enc + b_enc = x·(s·W_enc) + (b_enc − m·W_enc): the input mean goes into b_enc.
+            weights["b_enc"] = dictionary.b_enc - dictionary.input_mean @ dictionary.W_enc
         # Extras (e.g. JumpReLU thresholds) act on pre-activations, which folding leaves unchanged.
         return {**weights, **dictionary.export_extra()}
 
@@ -43,23 +53,43 @@ def saelens_names(metadata: dict) -> dict:
     names = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None}
     if metadata.get("hook"):
         names["hook_name"] = transformer_lens_hook(metadata["hook"])
+    if metadata.get("target_hook"):
+        names["hook_name_out"] = transformer_lens_hook(metadata["target_hook"])
     model = metadata.get("model")
     if isinstance(model, dict) and (model.get("id") or model.get("path")):
         names["model_name"] = model.get("id") or model.get("path")
     return names
 
 
+def transcoder_architecture(architecture: str, skip: bool) -> str:
+    """SAELens' name for a transcoder whose encoder is ``architecture`` (as exported): transcoder,
+    skip_transcoder, jumprelu_(skip_)transcoder; TopK ones (which SAELens 6.54 lacks) follow
+    the same pattern, topk_(skip_)transcoder."""
+    stem = "" if architecture == "standard" else architecture + "_"
+    return f"{stem}{'skip_' if skip else ''}transcoder"
+
+
 def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str, metadata: dict,
-                      storage_options: dict | None = None) -> str:
+                      storage_options: dict | None = None, target_scale: float | None = None) -> str:
+    """Write ``dictionary`` (trained on activations × ``scale``; a transcoder's targets ×
+    ``target_scale``) in SAELens' layout, taking raw activations."""
     fs, folder = storage.url_to_fs(folder_url, storage_options)
-    weights = {name: tensor.detach().float().cpu() for name, tensor in folded_weights(dictionary, scale).items()}
+    weights = {name: tensor.detach().float().cpu()
+               for name, tensor in folded_weights(dictionary, scale, target_scale).items()}
+    own = dictionary.export_config()
+    transcoder = {}
+    if getattr(dictionary, "transcoder", False):
+        # SAELens transcoders never subtract b_dec (an output-space bias) from their input.
+        transcoder = {"architecture": transcoder_architecture(own["architecture"], "W_skip" in weights),
+                      "d_out": dictionary.d_out, "apply_b_dec_to_input": False}
     config = {
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        **dictionary.export_config(),
+        **own, **transcoder,
         "metadata": {**saelens_names(metadata), **metadata, "lexica_normalisation_scale_folded": scale,
                      EXPORTED_AT_KEY: export_timestamp(),
-                     "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None)},
+                     "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None),
+                     **({"lexica_target_scale_folded": target_scale} if target_scale is not None else {})},
     }
     storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
     storage.write_json(fs, storage.join(folder, "cfg.json"), config)
@@ -82,6 +112,9 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     saelens_name = config["architecture"]
     architecture = metadata.get("lexica_architecture", SAELENS_NAMES.get(saelens_name, saelens_name))
     k = config.get("k", metadata.get("k")) or 1  # architectures without k ignore it
-    dictionary = build(architecture, d_in=config["d_in"], d_sae=config["d_sae"], k=k)
+    transcoder = {"d_out": config["d_out"], "skip": "W_skip" in weights} if "d_out" in config else {}
+    dictionary = build(architecture, d_in=config["d_in"], d_sae=config["d_sae"], k=k, **transcoder)
+    if transcoder:
+        weights.setdefault("input_mean", torch.zeros(config["d_in"]))  # folded into b_enc on export
     dictionary.load_state_dict(weights)
     return dictionary.requires_grad_(False).eval()  # for inference; fine-tuning re-enables gradients

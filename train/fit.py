@@ -29,8 +29,13 @@ def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
     metadata = {"lexica_store": store.url, "hook": store.hook, "model": store.manifest["model"],
                 "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": plan.name,
                 "training": {**training, "steps": plan.total_steps}}
+    target_hook = None
+    if plan.target_url:
+        target_hook = ActivationStore(plan.target_url, config.storage_options).hook
+        metadata.update({"target_hook": target_hook, "lexica_target_store": plan.target_url})
     final_url = Run(config.run, config.storage_options).export_url(plan.name)
-    export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options)
+    export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options,
+                      plan.target_scale if plan.target_url else None)
     exported = load_dictionary(final_url, config.storage_options)
     fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
     density = feature_density(exported, store)
@@ -38,7 +43,7 @@ def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
     evaluation = {}
     if config.eval_tokens > 0:
         evaluation = evaluate_dictionary(exported, store.manifest, config.eval_tokens, config.eval_corpus,
-                                         config.device, config.storage_options)
+                                         config.device, config.storage_options, target_hook=target_hook)
         storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
         if config.trackers:
             metrics_log = MetricsLog(plan, track=True)  # continues the training's tracker run
@@ -98,7 +103,7 @@ def fit(config: TrainConfig) -> dict:
             ("cpu" if config.device == "auto" else config.device)
 
         def add_metrics(metrics_lines: list[dict | None], states) -> None:
-            for metrics_log, metrics in zip(metrics_logs, metrics_lines):
+            for metrics_log, metrics in zip(metrics_logs, metrics_lines, strict=True):
                 if metrics:
                     metrics_log.add(metrics)
 
@@ -111,7 +116,7 @@ def fit(config: TrainConfig) -> dict:
         from lexica.train.job import run_ray_training
 
         dictionaries = run_ray_training(plans, folder_url)
-    summaries = [finish(plan, dictionary) for plan, dictionary in zip(plans, dictionaries)]
+    summaries = [finish(plan, dictionary) for plan, dictionary in zip(plans, dictionaries, strict=True)]
     if not job.sweep:
         return summaries[0]
     return {"sweep": folder_url.rstrip("/").rsplit("/", 1)[-1], "folder": folder_url, "dictionaries": summaries}

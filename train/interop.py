@@ -10,6 +10,8 @@ What an import honours, by folding it into the weights Lexica's architectures co
 - ``normalize_activations: none`` (and ``expected_average_only_in``, which a folder on disk
   carries already folded: SAELens applies no run-time scaling for it).
 - thresholds (``jumprelu``, and everything SAELens saves as JumpReLU: BatchTopK, Matryoshka).
+- transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_(skip_)transcoder``, and Lexica's own
+  ``topk_(skip_)transcoder``): ``d_out``-wide decoders, ``W_skip``, and ``hook_name_out`` as the target.
 What it refuses, naming the field: per-token run-time normalisations (``layer_norm``,
 ``constant_norm_rescale``, ``covariance_whitening``), ``hook_z`` reshaping, per-head hooks, hook
 points Lexica cannot capture, and architectures it has no equivalent for.
@@ -35,6 +37,10 @@ TL_HOOKS = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "mlp
 FROM_TL = {hook: kind for kind, hook in TL_HOOKS.items()}
 # SAELens architecture → Lexica's (their inference forms: BatchTopK and Matryoshka save as jumprelu).
 ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+# SAELens transcoders (and Lexica's TopK ones, which SAELens lacks) → (Lexica architecture, skip path).
+TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True),
+               "topk_transcoder": ("topk", False), "topk_skip_transcoder": ("topk", True)}
 HONOURED_NORMALISATIONS = ("none", "expected_average_only_in", None)
 
 
@@ -79,9 +85,8 @@ def read_folder(path: str, storage_options: dict | None = None) -> tuple[dict, d
 def lexica_weights(config: dict, weights: dict[str, torch.Tensor], source: str) -> tuple[str, dict, int]:
     """(Lexica architecture, weights in Lexica's conventions, k) for a SAELens config and weights."""
     architecture = config.get("architecture")
-    if architecture in ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
-        raise SAEImportError(f"{source}: architecture {architecture!r} is a transcoder; Lexica cannot import "
-                           "transcoders yet")
+    if architecture in TRANSCODERS:
+        return transcoder_weights(config, weights, source)
     if architecture in ("batchtopk", "matryoshka_batchtopk"):
         if "threshold" not in weights:
             raise SAEImportError(f"{source}: a {architecture} training checkpoint without a threshold; save it "
@@ -124,6 +129,32 @@ def lexica_weights(config: dict, weights: dict[str, torch.Tensor], source: str) 
     return ARCHITECTURES[architecture], out, k
 
 
+def transcoder_weights(config: dict, weights: dict[str, torch.Tensor], source: str) -> tuple[str, dict, int]:
+    """A transcoder's (Lexica architecture, weights, k): the encoder reads x as it is (SAELens
+    transcoders never subtract b_dec, an output-space bias), W_dec and b_dec are d_out wide, and
+    a skip-transcoder's W_skip [d_out, d_in] comes along."""
+    architecture, skip = TRANSCODERS[config["architecture"]]
+    if config.get("apply_b_dec_to_input"):
+        raise SAEImportError(f"{source}: apply_b_dec_to_input is true on a transcoder (its b_dec lives in the "
+                             "output space); SAELens refuses it too")
+    if config.get("normalize_activations", "none") not in HONOURED_NORMALISATIONS:
+        raise SAEImportError(f"{source}: normalize_activations {config['normalize_activations']!r} is a "
+                             "per-token run-time normalisation Lexica does not apply; only 'none' can be imported")
+    needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["W_skip"] if skip else []) + \
+        (["threshold"] if architecture == "jumprelu" else [])
+    missing = [name for name in needed if name not in weights]
+    if missing:
+        raise SAEImportError(f"{source}: sae_weights.safetensors lacks {', '.join(missing)} ({config['architecture']})")
+    out = {name: weights[name].float() for name in needed}
+    d_in, d_sae, d_out = int(config["d_in"]), int(config["d_sae"]), int(config.get("d_out") or 0)
+    if out["W_enc"].shape != (d_in, d_sae) or out["W_dec"].shape != (d_sae, d_out):
+        raise SAEImportError(f"{source}: W_enc {tuple(out['W_enc'].shape)} / W_dec {tuple(out['W_dec'].shape)} do "
+                             f"not match d_in {d_in}, d_sae {d_sae}, d_out {d_out}")
+    if architecture == "jumprelu":
+        out["threshold"] = out["threshold"].clamp_min(0)  # relu(pre) above it: a negative one acts as 0
+    return architecture, out, int(config.get("k") or 1)
+
+
 def import_saelens(path: str, run_url: str, name: str | None = None, storage_options: dict | None = None) -> str:
     """Register the SAELens folder ``path`` as dictionary ``name`` of run ``run_url``; returns the name."""
     config, weights = read_folder(path, storage_options)
@@ -138,13 +169,22 @@ def import_saelens(path: str, run_url: str, name: str | None = None, storage_opt
             raise SAEImportError(f"{path}: d_in {config['d_in']} does not match the run's {hook} store "
                                f"(d_model {store.d_model})")
         store_url, model = store.url, store.manifest["model"]
-    dictionary = build(architecture, d_in=int(config["d_in"]), d_sae=int(config["d_sae"]), k=k)
-    dictionary.load_state_dict(lexica_state)  # checks every shape
-    name = name or f"imported-{architecture}-{hook}-{config['d_sae']}"
+    transcoder, target_hook = {}, None
+    if config.get("architecture") in TRANSCODERS:
+        target_hook = lexica_hook(metadata.get("hook_name_out") or config.get("hook_name_out") or "")
+        transcoder = {"d_out": int(config["d_out"]), "skip": "W_skip" in lexica_state}
+    dictionary = build(architecture, d_in=int(config["d_in"]), d_sae=int(config["d_sae"]), k=k, **transcoder)
+    # Checks every shape (a transcoder's input mean is 0: SAELens' encoder reads x as it is).
+    dictionary.load_state_dict({**lexica_state, **({"input_mean": torch.zeros(int(config["d_in"]))}
+                                                   if transcoder else {})})
+    hooks = hook if target_hook is None else f"{hook}-to-{target_hook}"
+    name = name or f"imported-{architecture}-{hooks}-{config['d_sae']}"
     exported = {
         **{key: value for key, value in config.items() if key != "metadata"},
-        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "apply_b_dec_to_input": not transcoder, "normalize_activations": "none",
         "metadata": {**metadata, "hook": hook, "hook_name": transformer_lens_hook(hook), "model": model,
+                     **({"target_hook": target_hook, "hook_name_out": transformer_lens_hook(target_hook)}
+                        if target_hook else {}),
                      "lexica_store": store_url, "lexica_architecture": architecture, "k": k, "name": name,
                      "lexica_normalisation_scale_folded": 1.0, "lexica_imported_from": path,
                      EXPORTED_AT_KEY: export_timestamp()},

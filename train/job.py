@@ -50,7 +50,7 @@ def _worker_entry(values: dict) -> None:
     metrics_logs = [MetricsLog(plan, track=True) for plan in plans] if rank == 0 else []
 
     def report(metrics_lines: list[dict | None], states: list[dict | None]) -> None:
-        for metrics_log, metrics in zip(metrics_logs, metrics_lines):
+        for metrics_log, metrics in zip(metrics_logs, metrics_lines, strict=False):  # rank 0 alone logs
             if metrics:
                 metrics_log.add(metrics)
         if states[0] is None:

@@ -15,7 +15,7 @@ from lexica.run import Run
 from lexica.store import ActivationStore
 from lexica.train.architectures import build
 from lexica.train.config import TrainConfig, with_run
-from lexica.train.data import data_variance, normalisation_scale
+from lexica.train.data import data_variance, normalisation_scale, paired_commits
 from lexica.train.sweep import apply_variant, sweep_name, sweep_variants, variant_suffix
 
 
@@ -36,6 +36,17 @@ class TrainingPlan:
     scale: float
     variance: float
     data_seed: int  # the order of the batches: the job's seed, shared by every dictionary of a sweep
+    # A transcoder's target: its store, width and normalisation (variance above is the target's).
+    target_url: str | None = None
+    d_out: int | None = None
+    target_scale: float = 1.0
+
+    def batch_scale(self, device) -> float | torch.Tensor:
+        """What a training batch is multiplied by: the input's scale, or per column [input | target]."""
+        if self.target_url is None:
+            return self.scale
+        return torch.cat([torch.full((self.d_model,), self.scale), torch.full((self.d_out,), self.target_scale)]).to(
+            device)
 
 
 def resolve_store_url(config: TrainConfig) -> str:
@@ -44,6 +55,29 @@ def resolve_store_url(config: TrainConfig) -> str:
     if not config.hook:
         raise ConfigError("give train.store (a store URL) or train.hook (e.g. resid_post.15)")
     return Run(config.run, config.storage_options).store_url(config.hook)
+
+
+# Where each hook kind sits in a decoder block, in the order a forward pass reaches them.
+HOOK_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3, "resid_post": 4}
+
+
+def check_order(hook: str, target: str) -> None:
+    """A transcoder's target must come after its input in the forward pass: evaluation splices it
+    in from the input's activations of the same pass."""
+    def place(name: str) -> tuple[int, int]:
+        kind, _, layer = name.rpartition(".")
+        return int(layer), HOOK_ORDER.get(kind, 0)
+
+    if place(target) <= place(hook):
+        raise ConfigError(f"train.target {target} does not come after train.hook {hook} in the model; a transcoder "
+                          "maps an earlier hook point to a later one (e.g. mlp_in.15 to mlp_out.15)")
+
+
+def resolve_target_url(config: TrainConfig) -> str:
+    """A transcoder's target store: ``train.target`` as a hook of the run, or a store URL."""
+    if "/" in config.target:
+        return config.target
+    return Run(config.run, config.storage_options).store_url(config.target)
 
 
 def plan_job(config: TrainConfig) -> list[TrainingPlan]:
@@ -88,16 +122,26 @@ def plan_training(config: TrainConfig, name_suffix: str = "") -> TrainingPlan:
                           "set train.eval_tokens: 0 to skip the held-out evaluation")
     d_sae = config.latents(store.d_model)
     scale = normalisation_scale(store)
+    target = None
+    if config.target:
+        target = ActivationStore(storage.absolute_url(resolve_target_url(config)), config.storage_options)
+        paired_commits(store, target)
+        check_order(store.hook, target.hook)
+    variance_store = target or store
+    variance_scale = normalisation_scale(variance_store)
     total_tokens = config.tokens or store.num_rows
     total_steps = max(1, total_tokens // config.batch_size)
-    name = config.name or f"{config.architecture}-{store.hook}-{config.width}-k{config.k}{name_suffix}"
+    hooks = store.hook if target is None else f"{store.hook}-to-{target.hook}{'-skip' if config.skip else ''}"
+    name = config.name or f"{config.architecture}-{hooks}-{config.width}-k{config.k}{name_suffix}"
     return TrainingPlan(
         config=config, store_url=store.url, d_model=store.d_model, d_sae=d_sae, name=name,
         folder=Run(config.run, config.storage_options).dictionary_url(name), total_steps=total_steps,
         warmup_steps=max(1, min(config.lr_warmup_steps, total_steps // 10)),  # short runs still reach the peak
         dead_tokens=config.dead_tokens or min(10_000_000, max(config.batch_size, total_tokens // 4)),
-        peak_lr=config.lr or default_lr(config.optimizer, d_sae), scale=scale, variance=data_variance(store, scale),
-        data_seed=config.seed)
+        peak_lr=config.lr or default_lr(config.optimizer, d_sae), scale=scale,
+        variance=data_variance(variance_store, variance_scale), data_seed=config.seed,
+        target_url=target.url if target else None, d_out=target.d_model if target else None,
+        target_scale=variance_scale)
 
 
 # At 2^14 latents. Adam's is 4x Gao et al.'s 2e-4: on the demo model's real activations (block 15,
@@ -118,4 +162,5 @@ def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:
     config = plan.config
     torch.manual_seed(config.seed)
     return build(config.architecture, d_in=plan.d_model, d_sae=plan.d_sae, k=config.k,
-                 aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra).to(device)
+                 aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra, d_out=plan.d_out,
+                 skip=config.skip).to(device)

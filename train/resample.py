@@ -3,10 +3,11 @@
 Every ``train.resample_every`` steps, each latent that has not fired for ``dead_tokens`` tokens is
 re-initialised toward an input the dictionary reconstructs badly: inputs of the batch are drawn
 with probability ∝ (squared error)², the latent's decoder row becomes the drawn input's direction
-(less b_dec) at the live rows' mean norm, its encoder column the same direction at 0.2× the live
-columns' mean norm, its bias 0, and its optimiser state is cleared so that stale moments do not
-throw it off again. A learned per-latent threshold (JumpReLU) is set to half the new latent's
-pre-activation on its own input, so that it fires there.
+(less b_dec) at the live rows' mean norm (a transcoder's: the drawn target's direction), its
+encoder column the input's direction at 0.2× the live columns' mean norm, its bias 0, and its
+optimiser state is cleared so that stale moments do not throw it off again. A learned per-latent
+threshold (JumpReLU) is set to half the new latent's pre-activation on its own input, so that it
+fires there.
 
 TopK-family dictionaries also have AuxK for dead latents; resampling is an option on top. ReLU and
 JumpReLU have nothing else.
@@ -31,17 +32,21 @@ def resample_dead(dictionary: torch.nn.Module, optimizer, batch: torch.Tensor, d
     if not len(dead):
         return dead
     alive = ~dead_mask
-    error = dictionary.decode(dictionary.encode(batch)) - batch
+    x, y = dictionary.split(batch) if hasattr(dictionary, "split") else (batch, batch)
+    error = dictionary.reconstruct(x) - y
     weights = error.pow(2).sum(1).square().double()
     if not float(weights.sum()) > 0:
         weights = torch.ones_like(weights)
     chosen = torch.multinomial(weights.cpu(), len(dead), replacement=len(dead) > len(batch), generator=generator)
-    centred = batch[chosen.to(batch.device)] - dictionary.b_dec
-    directions = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-8)  # [dead, d_in]
+    chosen = chosen.to(batch.device)
+    # A transcoder reads one space and writes another: its encoder takes the input's direction,
+    # its decoder the target's (for an autoencoder both are the input less b_dec).
+    centred = x[chosen] - getattr(dictionary, "input_offset", dictionary.b_dec)
+    written = y[chosen] - dictionary.b_dec
     decoder_norm = dictionary.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
     encoder_norm = dictionary.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    new_decoder = directions * decoder_norm
-    new_encoder = directions.t() * (ENCODER_SCALE * encoder_norm)
+    new_decoder = written / written.norm(dim=1, keepdim=True).clamp_min(1e-8) * decoder_norm
+    new_encoder = (centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-8)).t() * (ENCODER_SCALE * encoder_norm)
     updates = {"W_dec": (new_decoder, 0), "W_enc": (new_encoder, 1),
                "b_enc": (torch.zeros(len(dead), dtype=batch.dtype, device=batch.device), 0)}
     threshold = getattr(dictionary, "threshold", None)

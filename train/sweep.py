@@ -20,7 +20,8 @@ from lexica.train.config import TrainConfig
 # stream, the workers, the evaluation. A variant's seed sets its initialisation (and resampling);
 # the order of the data follows the job's seed, so every variant sees the same batches.
 VARIANT_KNOBS = ("name", "architecture", "width", "k", "lr", "seed", "optimizer", "schedule", "momentum",
-                 "lr_warmup_steps", "lr_decay_fraction", "dead_tokens", "aux_coefficient", "resample_every", "extra")
+                 "lr_warmup_steps", "lr_decay_fraction", "dead_tokens", "aux_coefficient", "resample_every", "skip",
+                 "extra")
 
 # Knobs already in the default name <architecture>-<hook>-<width>-k<k>.
 _NAMED = ("name", "architecture", "width", "k")
@@ -75,7 +76,7 @@ def _variants(sweep) -> list[dict]:
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"train.sweep.{key} = {values!r} is invalid; a grid maps each knob to a non-empty "
                                   "list of values")
-        return [dict(zip(sweep, combination)) for combination in itertools.product(*sweep.values())]
+        return [dict(zip(sweep, combination, strict=True)) for combination in itertools.product(*sweep.values())]
     if not isinstance(sweep, list) or not sweep or not all(isinstance(variant, dict) for variant in sweep):
         raise ConfigError(f"train.sweep = {sweep!r} is invalid; expected a list of variants (mappings of knobs) or a "
                           "grid (a mapping of knob to a list of values)")

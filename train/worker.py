@@ -123,14 +123,15 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
     store = ActivationStore(plans[0].store_url, config.storage_options)
     lanes = config.lanes()
     per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
-    scale, data_seed = plans[0].scale, plans[0].data_seed
+    scale, data_seed = plans[0].batch_scale(device), plans[0].data_seed
+    target = ActivationStore(plans[0].target_url, config.storage_options) if plans[0].target_url else None
     first: list[torch.Tensor] = []
     read_count = ReadCount()  # what this worker read of the store (the first batch included)
 
     def first_batch() -> torch.Tensor:  # the whole global batch: every worker starts the same
         if not first:
             first.append(next(shuffled_batches(store, config.batch_size, config.buffer_rows, data_seed, scale, device,
-                                               lanes=lanes, read_count=read_count)))
+                                               lanes=lanes, read_count=read_count, target=target)))
         return first[0]
 
     members = [new_member(plan, first_batch, device, resume[index] if resume else None, wrap)
@@ -142,7 +143,7 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
     batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, data_seed, scale, device,
                                           skip_batches=start_step, lanes=lanes,
                                           lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker)),
-                                          read_count=read_count))
+                                          read_count=read_count, target=target))
     started = window_started = time.monotonic()
     window_waited = 0.0
     try:
@@ -158,7 +159,7 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
                           "data_wait_fraction": (batches.waited - window_waited) / (now - window_started),
                           "store_bytes_read": job_total(read_count.bytes)}
                 metrics_lines = [member_metrics(member, done, output, dead, timing)
-                                 for member, (output, dead) in zip(members, results)]
+                                 for member, (output, dead) in zip(members, results, strict=True)]
                 window_started, window_waited = time.monotonic(), batches.waited
             states: list[dict | None] = [None] * len(members)
             if done == total_steps or (checkpoints and config.checkpoint_every and done % config.checkpoint_every == 0):

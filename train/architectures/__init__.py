@@ -23,6 +23,7 @@ written, and docs/configuration.md lists them from that one source.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -86,12 +87,23 @@ class TrainOutput(NamedTuple):
     fired: torch.Tensor  # [d_sae] tokens of this batch each latent fired on
 
 
+def transcodes(name: str) -> bool:
+    """Whether architecture ``name`` can be a transcoder (read one hook point, write another)."""
+    return "d_out" in inspect.signature(architecture_class(name).__init__).parameters
+
+
 def build(name: str, d_in: int, d_sae: int, k: int = 1, aux_coefficient: float = 1 / 32, seed: int = 0,
-          options: dict | None = None) -> torch.nn.Module:
-    """A new dictionary of architecture ``name``; ``options`` are its own (``train.extra``), validated."""
+          options: dict | None = None, d_out: int | None = None, skip: bool = False) -> torch.nn.Module:
+    """A new dictionary of architecture ``name``; ``options`` are its own (``train.extra``), validated.
+    With ``d_out`` it is a transcoder writing d_out-wide outputs (with a linear skip path when
+    ``skip``)."""
     typed = architecture_options(name, options)
+    transcoder = {"d_out": d_out, "skip": skip} if d_out is not None else {}
+    if transcoder and not transcodes(name):
+        raise ConfigError(f"architecture {name!r} cannot be a transcoder yet; transcoders are "
+                          f"{', '.join(sorted(n for n in ARCHITECTURES if transcodes(n)))}")
     return architecture_class(name)(d_in=d_in, d_sae=d_sae, k=k, aux_coefficient=aux_coefficient, seed=seed,
-                                    **dataclasses.asdict(typed))
+                                    **dataclasses.asdict(typed), **transcoder)
 
 
 # Each module registers itself on import.

@@ -18,8 +18,8 @@ THRESHOLD_MOMENTUM = 0.99
 @register("batchtopk", TopKOptions)
 class BatchTopK(TopK):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
-                 seed: int = 0):
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed)
+                 seed: int = 0, d_out: int | None = None, skip: bool = False):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip)
         # One threshold shared by all latents, stored per latent: the export's shape and the
         # state_dict's are the same, so exported weights load back directly. Negative = not yet set.
         self.register_buffer("threshold", torch.full((d_sae,), -1.0))
@@ -33,20 +33,21 @@ class BatchTopK(TopK):
     def _encode_batch(self, x: torch.Tensor):
         """(centered x, pre-activations, rows, latents, values with encoder gradients, pattern) of
         the batch-wide selection, the threshold tracked on the way."""
-        centered = x - self.b_dec.detach()
+        centered = x - self.input_offset.detach()
         pre_activations = self.pre_activations(centered, reuse=True)
         rows, latents, values = self._select_batch(pre_activations)
         self._track_threshold(values)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset, values, pattern).relu()
         return centered, pre_activations, rows, latents, values, pattern
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+    def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
+        x, y = self.split(batch)
         centered, pre_activations, rows, latents, values, pattern = self._encode_batch(x)
-        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
+        error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
         return self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
-                           pre_activations)
+                           pre_activations, y)
 
     @torch.no_grad()
     def _track_threshold(self, selected: torch.Tensor) -> None:
@@ -61,7 +62,7 @@ class BatchTopK(TopK):
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Per-token codes without a batch: every latent above the learned threshold."""
-        return threshold_code(self.pre_activations(x - self.b_dec), self.threshold.clamp_min(0))
+        return threshold_code(self.pre_activations(x - self.input_offset), self.threshold.clamp_min(0))
 
     def export_config(self) -> dict:
         return {"architecture": "jumprelu"}  # threshold inference is exactly a JumpReLU

@@ -17,12 +17,12 @@ from torch import nn
 from lexica.config import knob
 from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
 from lexica.train.architectures.parts import (
+    Endpoints,
     firing_counts,
     linear_warmup,
     padded_code,
     reconstruction_loss,
     threshold_code,
-    tied_init,
 )
 from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
@@ -46,20 +46,15 @@ class JumpReLUOptions:
 
 
 @register("jumprelu", JumpReLUOptions)
-class JumpReLU(nn.Module):
+class JumpReLU(Endpoints):
     def __init__(self, d_in: int, d_sae: int, k: int = 1, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
                  sparsity_warmup: float = 0.05, initial_density: float = 0.03, init_norm: float = 0.1,
-                 seed: int = 0, **_ignored):
+                 seed: int = 0, d_out: int | None = None, skip: bool = False, **_ignored):
         super().__init__()
         # No k: the L0 penalty sets the sparsity. Its coefficient is in units of the per-token
         # variance (as the loss), so 2e-3 ≈ trading one active latent for 0.2% of the variance.
-        self.d_in, self.d_sae = d_in, d_sae
         self.l0_coefficient, self.bandwidth, self.sparsity_warmup = l0_coefficient, bandwidth, sparsity_warmup
-        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm=init_norm)
-        self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(encoder)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip)
         self.initial_density = initial_density
         self.threshold = nn.Parameter(torch.full((d_sae,), 1e-3))  # set from data by initialise_from
         self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
@@ -71,9 +66,9 @@ class JumpReLU(nn.Module):
         A fairly dense start (3%, ~100 latents per token at 4k) lets every latent learn before the
         penalty sparsifies; starting at θ ≈ 0 (half the latents firing) would cost hundreds of
         steps of θ climbing at about the learning rate per step, with the slowest kernels."""
-        self.b_dec.copy_(batch.mean(0))
-        pre_activations = self.pre_activations(batch - self.b_dec)
-        rank = max(1, min(len(batch), round(len(batch) * (1 - self.initial_density))))
+        x, _ = self.initialise_offsets(batch)
+        pre_activations = self.pre_activations(x - self.input_offset)
+        rank = max(1, min(len(x), round(len(x) * (1 - self.initial_density))))
         self.threshold.copy_(pre_activations.kthvalue(rank, dim=0).values.clamp_min(1e-3))
 
     def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
@@ -81,14 +76,15 @@ class JumpReLU(nn.Module):
             return torch.addmm(self.b_enc, centered, self.W_enc)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        return threshold_code(self.pre_activations(x - self.b_dec), self.threshold)
+        return threshold_code(self.pre_activations(x - self.input_offset), self.threshold)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+    def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
-        centered = x - self.b_dec.detach()
+        x, y = self.split(batch)
+        centered = x - self.input_offset.detach()
         pre_activations = self.pre_activations(centered)
         threshold = self.threshold.detach()
         active = pre_activations > threshold
@@ -97,7 +93,7 @@ class JumpReLU(nn.Module):
         pair_active = active[rows, latents]
         pair_near = near[rows, latents].to(x.dtype)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset,
                                          pre_activations[rows, latents], pattern)
         # Straight-through terms, zero in the forward pass: d(value)/dθ = -θ/ε·K and d(step)/dθ =
         # -1/ε·K, with K the rectangle kernel (1 within half a bandwidth of θ).
@@ -105,8 +101,8 @@ class JumpReLU(nn.Module):
         moved = theta - theta.detach()
         values = values * pair_active + moved * (-theta.detach() / self.bandwidth * pair_near)
         steps = pair_active.to(x.dtype) + moved * (-pair_near / self.bandwidth)
-        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
-        loss, fvu = reconstruction_loss(error, centered, variance)
+        error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
+        loss, fvu = reconstruction_loss(error, self.shifted_target(y, centered), variance)
         l0 = steps.sum() / len(x)
         loss = loss + self.l0_coefficient * self.coefficient_scale * l0
         code = padded_code(rows[pair_active], latents[pair_active], values.detach()[pair_active], len(x))

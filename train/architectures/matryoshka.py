@@ -52,13 +52,15 @@ def prefix_sizes(d_sae: int, prefixes: list[int] | None) -> list[int]:
 @register("matryoshka", MatryoshkaOptions)
 class Matryoshka(BatchTopK):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, prefixes: list[int] | None = None,
-                 aux_coefficient: float = 1 / 32, seed: int = 0):
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed)
+                 aux_coefficient: float = 1 / 32, seed: int = 0, d_out: int | None = None, skip: bool = False):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip)
         self.prefixes = prefix_sizes(d_sae, prefixes)
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+    def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
+        x, y = self.split(batch)
         centered, pre_activations, rows, latents, values, _ = self._encode_batch(x)
+        shifted_target = self.shifted_target(y, centered)
         # Each level's pairs decode on their own; a prefix's error is the previous prefix's plus them.
         level = torch.bucketize(latents, torch.tensor(self.prefixes[:-1], device=latents.device), right=True)
         error, prefix_losses = None, []
@@ -66,13 +68,13 @@ class Matryoshka(BatchTopK):
             chosen = level == index
             part = sparse_pattern(rows[chosen], latents[chosen], len(x), self.d_sae)
             if error is None:
-                error = sparse_decode(values[chosen], self.W_dec, part, self.b_dec, target=x)
+                error = self.with_skip(sparse_decode(values[chosen], self.W_dec, part, self.b_dec, target=y), x)
             else:
                 error = error + sparse_decode(values[chosen], self.W_dec, part)
             if index < len(self.prefixes) - 1:
-                prefix_losses.append(reconstruction_loss(error, centered, variance)[0])
+                prefix_losses.append(reconstruction_loss(error, shifted_target, variance)[0])
         output = self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
-                             pre_activations)  # the full width's loss, AuxK and metrics
+                             pre_activations, y)  # the full width's loss, AuxK and metrics
         prefix_loss = torch.stack(prefix_losses).sum() if prefix_losses else torch.zeros((), device=x.device)
         return output._replace(loss=output.loss + prefix_loss,
                                terms={**output.terms, "prefix_loss": float(prefix_loss.detach())})

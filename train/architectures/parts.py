@@ -3,8 +3,67 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lexica.train.architectures import SparseCode
+
+
+class Endpoints(nn.Module):
+    """Where a dictionary reads and writes, shared by every architecture. An autoencoder reads and
+    reconstructs one hook point. A transcoder (``d_out`` given) reads d_in-wide inputs and writes
+    d_out-wide outputs of another hook point; a skip-transcoder adds a learned linear path
+    (SAELens' ``W_skip [d_out, d_in]``). Its training rows hold [input | target] side by side."""
+
+    def init_weights(self, d_in: int, d_sae: int, seed: int, row_norm: float = 1.0, d_out: int | None = None,
+                     skip: bool = False) -> None:
+        self.d_in, self.d_sae = d_in, d_sae
+        self.transcoder = d_out is not None
+        self.d_out = d_out if self.transcoder else d_in
+        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm)
+        if self.transcoder:  # decoder rows live in the output space: drawn there, not tied to the encoder
+            decoder = tied_init(self.d_out, d_sae, seed + 1, row_norm)[0]
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(encoder)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip else None
+        if self.transcoder:
+            # What the encoder subtracts from its input: an autoencoder's b_dec (input and output
+            # share a space); a transcoder's input mean, fixed at initialisation (centred inputs
+            # train faster) and folded into b_enc on export (SAELens has no such offset).
+            self.register_buffer("input_mean", torch.zeros(d_in))
+
+    @property
+    def input_offset(self) -> torch.Tensor:
+        return self.input_mean if self.transcoder else self.b_dec
+
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a training batch."""
+        if self.transcoder:
+            return batch[:, :self.d_in], batch[:, self.d_in:]
+        return batch, batch
+
+    def shifted_target(self, target: torch.Tensor, centered: torch.Tensor) -> torch.Tensor:
+        """The target less a constant near its mean, for the loss's variance (``batch_variance``)."""
+        return target - self.b_dec.detach() if self.transcoder else centered
+
+    def with_skip(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``output`` plus the skip path's x·W_skipᵀ (nothing without one)."""
+        return output if self.W_skip is None else output + torch.nn.functional.linear(x, self.W_skip)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The dictionary's output for input ``x``: decode(encode(x)), plus the skip path."""
+        return self.with_skip(self.decode(self.encode(x)), x)
+
+    @torch.no_grad()
+    def initialise_offsets(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """b_dec at the target's mean (no early steps spent learning the offset), a transcoder's
+        input mean at the input's; returns (input, target)."""
+        x, y = self.split(batch)
+        self.b_dec.copy_(y.mean(0))
+        if self.transcoder:
+            self.input_mean.copy_(x.mean(0))
+        return x, y
 
 
 def tied_init(d_in: int, d_sae: int, seed: int, row_norm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

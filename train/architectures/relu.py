@@ -12,17 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from lexica.config import knob
 from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
 from lexica.train.architectures.parts import (
+    Endpoints,
     batch_variance,
     linear_warmup,
     padded_code,
     reconstruction_loss,
     threshold_code,
-    tied_init,
 )
 from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
 
@@ -42,57 +41,53 @@ class ReLUOptions:
 
 
 @register("relu", ReLUOptions)
-class ReLU(nn.Module):
+class ReLU(Endpoints):
     def __init__(self, d_in: int, d_sae: int, l1_coefficient: float = 5.0, sparsity_warmup: float = 0.05,
-                 init_norm: float = 0.1, seed: int = 0, **_ignored):
+                 init_norm: float = 0.1, seed: int = 0, d_out: int | None = None, skip: bool = False, **_ignored):
         super().__init__()
-        self.d_in, self.d_sae = d_in, d_sae
         self.l1_coefficient, self.sparsity_warmup = l1_coefficient, sparsity_warmup
-        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm=init_norm)
-        self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(encoder)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip)
         self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
         self.sparse_path = False  # both paths give the same gradients; see training_loss
 
-    @torch.no_grad()
     def initialise_from(self, batch: torch.Tensor) -> None:
-        self.b_dec.copy_(batch.mean(0))  # not zero: no early steps spent learning the offset
+        self.initialise_offsets(batch)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         with torch.no_grad():
-            return threshold_code(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc), 0.0)
+            return threshold_code(torch.addmm(self.b_enc, x - self.input_offset, self.W_enc), 0.0)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+    def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
-        centered = x - self.b_dec.detach()
+        x, y = self.split(batch)
+        centered = x - self.input_offset.detach()
         decoder_norms = self.W_dec.norm(dim=1)
         if self.sparse_path:
             pre_activations = torch.addmm(self.b_enc.detach(), centered, self.W_enc.detach())
             rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
             pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-            values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec,
+            values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset,
                                              pre_activations[rows, latents], pattern)
-            error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
+            error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
             l1 = (values * decoder_norms[latents]).sum() / len(x)
             code = padded_code(rows, latents, values.detach(), len(x))
             fired = torch.bincount(latents, minlength=self.d_sae)
         else:
-            codes = torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
-            error = torch.addmm(self.b_dec, codes, self.W_dec).sub_(x)
+            codes = torch.relu(torch.addmm(self.b_enc, x - self.input_offset, self.W_enc))
+            error = self.with_skip(torch.addmm(self.b_dec, codes, self.W_dec).sub_(y), x)
             l1 = (codes * decoder_norms).sum() / len(x)
             code = None  # materialising a padded code of a dense batch would cost more than the step
             fired = (codes.detach() > 0).sum(0)
         # The next step takes the sparse path once this one was sparse enough.
         self.sparse_path = float(fired.sum()) < SPARSE_BELOW * len(x) * self.d_sae
-        loss, fvu = reconstruction_loss(error, centered, variance)
+        shifted_target = self.shifted_target(y, centered)
+        loss, fvu = reconstruction_loss(error, shifted_target, variance)
         # In the units of the reconstruction loss (per-token variance), so λ means what it means
         # in the paper whatever the loss normalisation.
-        per_token_variance = variance if variance is not None else float(batch_variance(centered)) / len(x)
+        per_token_variance = variance if variance is not None else float(batch_variance(shifted_target)) / len(x)
         scale = 1.0 / per_token_variance
         loss = loss + self.l1_coefficient * self.coefficient_scale * scale * l1
         return TrainOutput(loss, error, code, fvu,

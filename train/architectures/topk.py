@@ -7,19 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from lexica.config import knob
 from lexica.errors import ConfigError
 from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
 from lexica.train.architectures.parts import (
+    Endpoints,
     firing_counts,
     fraction_of_variance_unexplained,
     normalise_rows,
     reconstruction_loss,
     remove_parallel_gradient,
     sum_of_squares,
-    tied_init,
 )
 from lexica.train.selection import topk_rows
 from lexica.train.sparse import decode_code, fixed_k_pattern, select_with_sparse_grad, sparse_decode
@@ -35,24 +34,19 @@ class TopKOptions:
 
 
 @register("topk", TopKOptions)
-class TopK(nn.Module):
+class TopK(Endpoints):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
-                 seed: int = 0):
+                 seed: int = 0, d_out: int | None = None, skip: bool = False):
         super().__init__()
         if not 0 < k <= d_sae:
             raise ConfigError(f"k = {k} is out of range; expected 1..d_sae ({d_sae})")
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.k = k
         self.aux_k = aux_k if aux_k is not None else min(d_sae, max(k, d_in // 2))
         self.aux_coefficient = aux_coefficient
-        decoder, encoder = tied_init(d_in, d_sae, seed)
-        self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(encoder)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.init_weights(d_in, d_sae, seed, d_out=d_out, skip=skip)
 
-    @torch.no_grad()
     def initialise_from(self, batch: torch.Tensor) -> None:
-        self.b_dec.copy_(batch.mean(0))  # not zero: no early steps spent learning the offset
+        self.initialise_offsets(batch)
 
     def pre_activations(self, centered: torch.Tensor, reuse: bool = False) -> torch.Tensor:
         """The dense encoder matmul, outside autograd (gradients come from the sparse kernels).
@@ -80,28 +74,29 @@ class TopK(nn.Module):
         return topk_rows(pre_activations, k)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        values, indices = self._select(x - self.b_dec, self.k)
+        values, indices = self._select(x - self.input_offset, self.k)
         return SparseCode(values.relu(), indices)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         return decode_code(code.indices, code.values, self.W_dec) + self.b_dec
 
-    def training_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+    def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
-        centered = x - self.b_dec.detach()
+        x, y = self.split(batch)
+        centered = x - self.input_offset.detach()
         pre_activations = self.pre_activations(centered, reuse=True)
         values, indices = self._select(centered, self.k, pre_activations=pre_activations)
         pattern = fixed_k_pattern(indices, self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, values, pattern).relu()
-        error = sparse_decode(values, self.W_dec, pattern, self.b_dec, target=x)
-        return self.losses(x, centered, error, SparseCode(values, indices), dead_mask, variance, pre_activations)
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset, values, pattern).relu()
+        error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
+        return self.losses(x, centered, error, SparseCode(values, indices), dead_mask, variance, pre_activations, y)
 
     def losses(self, x, centered, error, code: SparseCode, dead_mask, variance,
-               pre_activations: torch.Tensor) -> TrainOutput:
-        """Reconstruction loss plus AuxK from the reconstruction ``error``; ``code`` may be padded
-        with zero values; AuxK reuses (and overwrites) the batch's ``pre_activations`` instead of a
-        second encoder matmul."""
-        loss, fvu = reconstruction_loss(error, centered, variance)
+               pre_activations: torch.Tensor, target: torch.Tensor | None = None) -> TrainOutput:
+        """Reconstruction loss plus AuxK from the reconstruction ``error`` of ``target`` (the input
+        itself for an autoencoder); ``code`` may be padded with zero values; AuxK reuses (and
+        overwrites) the batch's ``pre_activations`` instead of a second encoder matmul."""
+        loss, fvu = reconstruction_loss(error, self.shifted_target(target, centered), variance)
         auxk = self._auxk(centered, error, dead_mask, fvu, variance, pre_activations)
         loss = loss + self.aux_coefficient * auxk.nan_to_num(0.0)
         fired = firing_counts(code.indices, code.values.detach(), self.d_sae)
@@ -118,7 +113,7 @@ class TopK(nn.Module):
         aux_values, aux_indices = self._select_dead(centered, min(self.aux_k, dead_count), dead_mask,
                                                     pre_activations)
         aux_pattern = fixed_k_pattern(aux_indices, self.d_sae)
-        aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.b_dec, aux_values,
+        aux_values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset, aux_values,
                                              aux_pattern).relu()
         residual = -error.detach()
         aux_error = sparse_decode(aux_values, self.W_dec, aux_pattern, target=residual)
