@@ -101,10 +101,11 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| {len(variants)} separate jobs | {alone_seconds:.0f} | {alone_bytes / 1e6:,.1f} MB |")
     print(f"| one sweep | {sweep_seconds:.0f} | {sweep_bytes / 1e6:,.1f} MB |")
-    print(f"| sweep speed-up | **{alone_seconds / sweep_seconds:.2f}x** | {alone_bytes / max(sweep_bytes, 1):.2f}x less |")
+    print(f"| sweep speed-up | **{alone_seconds / sweep_seconds:.2f}x** | "
+          f"{alone_bytes / max(sweep_bytes, 1):.2f}x less |")
     print("\n| variant | how | FVU (held-out) | L0 | dead | CE recovered | KL | training FVU | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for (text, name, seconds), knobs in zip(separate, sweep):
+    for (text, name, seconds), knobs in zip(separate, sweep, strict=True):
         for how, result_name, shown in (("alone", name, f"{seconds:.0f}"), ("sweep", knobs["name"], "(shared)")):
             result = results(args.run, result_name)
             evaluation = result["evaluation"] or {"fvu": float("nan"), "l0": float("nan"),

@@ -44,18 +44,22 @@ def trained_tiny_model(source, folder, texts: list[str]):
     return folder
 
 
-@pytest.fixture(scope="module")
-def harvested(tiny_models, tmp_path_factory):
-    """A store of the first 30 of 40 documents: the last 10 are held out."""
-    folder = tmp_path_factory.mktemp("evaluate")
+def harvest_trained_tiny_model(tiny_models, folder, hook: str):
+    """Stores of ``hook`` over the first 30 of 40 documents (the last 10 are held out), from the
+    tiny model briefly trained on them; returns the harvest's summary."""
     texts = sample_texts(40, seed=7)
     corpus = write_jsonl(folder / "docs.jsonl", texts)
     model = trained_tiny_model(tiny_models["llama"], folder / "model", texts)
-    config = HarvestConfig(run=str(folder / "run"), model=ModelConfig(path=str(model)),
-                           hook="resid_post.2",
+    config = HarvestConfig(run=str(folder / "run"), model=ModelConfig(path=str(model)), hook=hook,
                            corpus=CorpusConfig(paths=[str(corpus)], docs_per_shard=10, max_documents=30),
                            context_length=CONTEXT, batch_tokens=8 * CONTEXT, workers=WorkersConfig(actors=0))
-    summary = run_harvest(config.validate())
+    return run_harvest(config.validate())
+
+
+@pytest.fixture(scope="module")
+def harvested(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evaluate")
+    summary = harvest_trained_tiny_model(tiny_models, folder, "resid_post.2")
     return folder / "run", ActivationStore(summary.store_url)
 
 

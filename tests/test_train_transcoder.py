@@ -9,18 +9,15 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import sample_texts, write_jsonl
-from test_train_evaluate import trained_tiny_model
+from test_train_evaluate import harvest_trained_tiny_model
 from test_train_topk import mean_max_cosine
 
 import lexica
 from lexica.analysis.steering import clamped_logits
 from lexica.cli import main
 from lexica.errors import ConfigError
-from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
-from lexica.harvest.pool import run_harvest
 from lexica.hooks import Capture, hook_module, parse_hook
-from lexica.models import ModelConfig, config_from_manifest, load_causal_lm
+from lexica.models import config_from_manifest, load_causal_lm
 from lexica.run import store_url
 from lexica.store import ActivationStore, StoreError, write_store
 from lexica.train.architectures import SparseCode
@@ -120,13 +117,7 @@ def test_mismatched_stores_and_bad_pairs_are_refused(tmp_path):
 def harvested_pair(tiny_models, tmp_path_factory):
     """mlp_in.2 and mlp_out.2 of a briefly trained tiny model, from one harvest (30 of 40 documents)."""
     folder = tmp_path_factory.mktemp("transcoder")
-    texts = sample_texts(40, seed=7)
-    corpus = write_jsonl(folder / "docs.jsonl", texts)
-    model = trained_tiny_model(tiny_models["llama"], folder / "model", texts)
-    config = HarvestConfig(run=str(folder / "run"), model=ModelConfig(path=str(model)), hook="mlp_in.2,mlp_out.2",
-                           corpus=CorpusConfig(paths=[str(corpus)], docs_per_shard=10, max_documents=30),
-                           context_length=32, batch_tokens=8 * 32, workers=WorkersConfig(actors=0))
-    run_harvest(config.validate())
+    harvest_trained_tiny_model(tiny_models, folder, "mlp_in.2,mlp_out.2")
     return folder / "run"
 
 
