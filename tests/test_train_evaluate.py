@@ -16,7 +16,7 @@ from lexica.models import ModelConfig
 from lexica.store import ActivationStore
 from lexica.train.architectures import build
 from lexica.train.config import TrainConfig
-from lexica.train.evaluate import evaluate_dictionary
+from lexica.train.evaluate import evaluate_dictionaries, evaluate_dictionary
 from lexica.train.fit import fit
 
 CONTEXT, D_MODEL = 32, 64
@@ -94,6 +94,11 @@ def test_a_perfect_dictionary_recovers_everything_and_a_zero_one_nothing(tiny_mo
     assert ablated["ce_spliced"] == pytest.approx(ablated["ce_zero"], abs=1e-5)
     assert ablated["ce_recovered"] == pytest.approx(0, abs=1e-4)
     assert ablated["kl"] > 0.01 and ablated["fvu"] >= 1  # b_dec = 0: the mean is missed too
+
+    # A sweep's dictionaries are evaluated together (one clean and one ablated run for all of
+    # them): each gets exactly what it gets alone.
+    together = evaluate_dictionaries([identity_dictionary(), zero], store.manifest, tokens=300, device="cpu")
+    assert together == [perfect, ablated]
 
 
 def test_training_on_a_harvested_store_reports_evaluation_density_and_plot(harvested, tmp_path, monkeypatch):

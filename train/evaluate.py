@@ -136,23 +136,32 @@ def reconstruct(dictionary: torch.nn.Module, source: Splice | None = None):
 def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int = 4096,
                         paths: list[str] | None = None, device: str = "auto",
                         storage_options: dict | None = None, target_hook: str | None = None) -> dict:
-    """The metrics above; ``dictionary`` takes raw activations (an exported one, normalisation
-    folded). A transcoder (``target_hook``: the hook it writes) is spliced in place of that hook's
-    activations, from the activations of the store's hook in the same pass (for mlp_in.L →
-    mlp_out.L: in place of the MLP); its FVU is against the target's activations."""
+    """The metrics above for one dictionary (see :func:`evaluate_dictionaries`)."""
+    return evaluate_dictionaries([dictionary], manifest, tokens, paths, device, storage_options, target_hook)[0]
+
+
+@torch.no_grad()
+def evaluate_dictionaries(dictionaries: list[torch.nn.Module], manifest: dict, tokens: int = 4096,
+                          paths: list[str] | None = None, device: str = "auto", storage_options: dict | None = None,
+                          target_hook: str | None = None) -> list[dict]:
+    """The metrics above for each dictionary of the same hook (a sweep's), the model loaded and
+    run clean and ablated once for all of them. Each takes raw activations (an export,
+    normalisation folded). A transcoder (``target_hook``: the hook it writes) is spliced in place
+    of that hook's activations, from the activations of the store's hook in the same pass (for
+    mlp_in.L → mlp_out.L: in place of the MLP); its FVU is against the target's activations."""
     from lexica.models import config_from_manifest, load_causal_lm, load_tokenizer, resolve_device
 
     model_config = config_from_manifest(manifest, device=device, dtype="float32")
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_config)
     model = load_causal_lm(model_config)
-    dictionary = dictionary.to(device)
+    dictionaries = [dictionary.to(device) for dictionary in dictionaries]
     bos = bool(manifest.get("bos", {}).get("prepend"))
     documents = held_out_documents(manifest, paths or [], tokens, manifest["context_length"], storage_options)
     windows = evaluation_windows(tokenizer, documents, tokens, manifest["context_length"], bos)
     if not windows:
         log.warning("no held-out text to evaluate on (the store holds the whole corpus); set train.eval_corpus")
-        return {}
+        return [{} for _ in dictionaries]
     n_layers = model.config.num_hidden_layers
     splice = Splice(model, target_hook or manifest["hook"], n_layers)
     splice.first = 1 if bos else 0
@@ -160,40 +169,49 @@ def evaluate_dictionary(dictionary: torch.nn.Module, manifest: dict, tokens: int
     if target_hook:
         source = Splice(model, manifest["hook"], n_layers)  # records the transcoder's input
         source.first = splice.first
-    totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "error": 0.0, "variance": 0.0,
-              "l0": 0.0, "activations": 0}
+    shared = {"ce_clean": 0.0, "ce_zero": 0.0, "activations": 0, "square_sum": 0.0}
+    totals = [{"ce_spliced": 0.0, "kl": 0.0, "error": 0.0, "l0": 0.0} for _ in dictionaries]
     scored = 0
     activation_sum = None
-    activation_square_sum = 0.0
+
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
+
     with splice, (source or contextlib.nullcontext()):
         for ids in windows:
             batch = ids.unsqueeze(0).to(device)
             targets = batch[:, splice.first + 1:]
-            splice.replace = None
-            clean = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
+
+            def logits_with(replace, batch=batch) -> torch.Tensor:
+                splice.replace = replace
+                return model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
+
+            clean = logits_with(None)
             activations = splice.seen[0, splice.first:].float()
             inputs = activations if source is None else source.seen[0, source.first:].float()
-            splice.replace = reconstruct(dictionary, source)
-            spliced = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
-            splice.replace = torch.zeros_like
-            zero = model(input_ids=batch, use_cache=False).logits[:, splice.first:-1].float()
-            for name, logits in (("ce_clean", clean), ("ce_spliced", spliced), ("ce_zero", zero)):
-                totals[name] += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
-            clean_log_probs, spliced_log_probs = clean.log_softmax(-1), spliced.log_softmax(-1)
-            totals["kl"] += float((clean_log_probs.exp() * (clean_log_probs - spliced_log_probs)).sum())
+            shared["ce_clean"] += cross_entropy(clean, targets)
+            shared["ce_zero"] += cross_entropy(logits_with(torch.zeros_like), targets)
+            clean_log_probs = clean.log_softmax(-1)
+            for dictionary, total in zip(dictionaries, totals, strict=True):
+                spliced = logits_with(reconstruct(dictionary, source))
+                total["ce_spliced"] += cross_entropy(spliced, targets)
+                total["kl"] += float((clean_log_probs.exp() * (clean_log_probs - spliced.log_softmax(-1))).sum())
+                total["error"] += float((dictionary.reconstruct(inputs) - activations).pow(2).sum())
+                total["l0"] += float((dictionary.encode(inputs).values > 0).sum())
             scored += targets.shape[1]
-            code = dictionary.encode(inputs)
-            totals["error"] += float((dictionary.reconstruct(inputs) - activations).pow(2).sum())
-            totals["l0"] += float((code.values > 0).sum())
-            totals["activations"] += len(activations)
+            shared["activations"] += len(activations)
             activation_sum = activations.sum(0) if activation_sum is None else activation_sum + activations.sum(0)
-            activation_square_sum += float(activations.pow(2).sum())
-    count = totals["activations"]
-    total_variance = activation_square_sum - float(activation_sum.pow(2).sum()) / count
-    result = {name: totals[name] / scored for name in ("ce_clean", "ce_spliced", "ce_zero", "kl")}
-    result["delta_ce"] = result["ce_spliced"] - result["ce_clean"]
-    gap = result["ce_zero"] - result["ce_clean"]
-    result["ce_recovered"] = (result["ce_zero"] - result["ce_spliced"]) / gap if gap > 0 else math.nan
-    result.update({"fvu": totals["error"] / total_variance, "l0": totals["l0"] / count, "tokens": scored,
-                   "documents": len(documents), "doc_ids": [documents[0][0], documents[-1][0]]})
-    return result
+            shared["square_sum"] += float(activations.pow(2).sum())
+    count = shared["activations"]
+    total_variance = shared["square_sum"] - float(activation_sum.pow(2).sum()) / count
+    ce_clean, ce_zero = shared["ce_clean"] / scored, shared["ce_zero"] / scored
+    results = []
+    for total in totals:
+        ce_spliced = total["ce_spliced"] / scored
+        gap = ce_zero - ce_clean
+        results.append({"ce_clean": ce_clean, "ce_spliced": ce_spliced, "ce_zero": ce_zero, "kl": total["kl"] / scored,
+                        "delta_ce": ce_spliced - ce_clean,
+                        "ce_recovered": (ce_zero - ce_spliced) / gap if gap > 0 else math.nan,
+                        "fvu": total["error"] / total_variance, "l0": total["l0"] / count, "tokens": scored,
+                        "documents": len(documents), "doc_ids": [documents[0][0], documents[-1][0]]})
+    return results

@@ -1,5 +1,5 @@
 """``fit``: train in this process (``workers: 0``) or as a Ray Train job, then ``finish``: export
-the dictionary, measure the export (feature density, held-out evaluation) and plot its training."""
+each dictionary, measure the exports (feature density, held-out evaluation) and plot their training."""
 
 from __future__ import annotations
 
@@ -17,58 +17,74 @@ from lexica.train.plan import TrainingPlan, job_folder, plan_job
 from lexica.train.worker import train_worker
 
 
-def finish(plan: TrainingPlan, dictionary: torch.nn.Module) -> dict:
-    """Export, then measure the exported dictionary (so the export itself is what is evaluated):
-    feature density on a sample of the store, the held-out evaluation, and the training plot."""
-    from lexica.train.evaluate import evaluate_dictionary
-    from lexica.train.plot import plot_training
-
+def export(plan: TrainingPlan, dictionary: torch.nn.Module, store: ActivationStore,
+           target_hook: str | None) -> torch.nn.Module:
+    """Write the dictionary's SAELens-layout export and load it back: the export is what is measured."""
     config = plan.config
-    store = ActivationStore(plan.store_url, config.storage_options)
     training = {key: value for key, value in vars(config).items() if key != "storage_options"}
     metadata = {"lexica_store": store.url, "hook": store.hook, "model": store.manifest["model"],
                 "d_model": store.d_model, "store_dtype": store.manifest["dtype"], "name": plan.name,
                 "training": {**training, "steps": plan.total_steps}}
-    target_hook = None
-    if plan.target_url:
-        target_hook = ActivationStore(plan.target_url, config.storage_options).hook
+    if target_hook:
         metadata.update({"target_hook": target_hook, "lexica_target_store": plan.target_url})
     final_url = Run(config.run, config.storage_options).export_url(plan.name)
     export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options,
                       plan.target_scale if plan.target_url else None)
-    exported = load_dictionary(final_url, config.storage_options)
-    fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
-    density = feature_density(exported, store)
-    storage.write_json(fs, storage.join(folder, "feature_density.json"), density.tolist())
-    evaluation = {}
+    return load_dictionary(final_url, config.storage_options)
+
+
+def finish(plans: list[TrainingPlan], dictionaries: list[torch.nn.Module]) -> list[dict]:
+    """Export each of the job's dictionaries, then measure the exports: feature density on a sample
+    of the store and the held-out evaluation (both one pass over the data for all of them: a
+    sweep's dictionaries share the store, the model's clean and ablated runs), and plot each one's
+    training."""
+    from lexica.train.evaluate import evaluate_dictionaries
+    from lexica.train.plot import plot_training
+
+    config = plans[0].config
+    store = ActivationStore(plans[0].store_url, config.storage_options)
+    target_hook = ActivationStore(plans[0].target_url, config.storage_options).hook if plans[0].target_url else None
+    exported = [export(plan, dictionary, store, target_hook)
+                for plan, dictionary in zip(plans, dictionaries, strict=True)]
+    densities = feature_density(exported, store)
+    evaluations = [{} for _ in plans]
     if config.eval_tokens > 0:
-        evaluation = evaluate_dictionary(exported, store.manifest, config.eval_tokens, config.eval_corpus,
-                                         config.device, config.storage_options, target_hook=target_hook)
-        storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
-        if config.trackers:
-            metrics_log = MetricsLog(plan, track=True)  # continues the training's tracker run
-            metrics_log.add_summary({f"eval/{key}": value for key, value in evaluation.items()
-                                     if isinstance(value, float)}, step=plan.total_steps)
-            metrics_log.close()
-    plot_url = plot_training(plan.folder, storage_options=config.storage_options)
-    return {"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last, "scale": plan.scale,
-            "steps": plan.total_steps, "dictionary": dictionary, "evaluation": evaluation,
-            "density": density, "plot": plot_url}
+        evaluations = evaluate_dictionaries(exported, store.manifest, config.eval_tokens, config.eval_corpus,
+                                            config.device, config.storage_options, target_hook=target_hook)
+    summaries = []
+    for plan, dictionary, density, evaluation in zip(plans, dictionaries, densities, evaluations, strict=True):
+        fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
+        storage.write_json(fs, storage.join(folder, "feature_density.json"), density.tolist())
+        if evaluation:
+            storage.write_json(fs, storage.join(folder, "evaluation.json"), evaluation)
+            if config.trackers:
+                metrics_log = MetricsLog(plan, track=True)  # continues the training's tracker run
+                metrics_log.add_summary({f"eval/{key}": value for key, value in evaluation.items()
+                                         if isinstance(value, float)}, step=plan.total_steps)
+                metrics_log.close()
+        plot_url = plot_training(plan.folder, storage_options=config.storage_options)
+        summaries.append({"name": plan.name, "folder": plan.folder, "final": MetricsLog(plan).last,
+                          "scale": plan.scale, "steps": plan.total_steps, "dictionary": dictionary,
+                          "evaluation": evaluation, "density": density, "plot": plot_url})
+    return summaries
 
 
 @torch.no_grad()
-def feature_density(dictionary: torch.nn.Module, store: ActivationStore, max_tokens: int = 65536) -> torch.Tensor:
-    """Per-latent firing frequency of the final dictionary on (up to) the first ``max_tokens`` of
-    the store: measured after training, not averaged over a run that kept changing."""
-    counts = torch.zeros(dictionary.d_sae, dtype=torch.long)
+def feature_density(dictionaries: list[torch.nn.Module], store: ActivationStore,
+                    max_tokens: int = 65536) -> list[torch.Tensor]:
+    """Per-latent firing frequency of each final dictionary on (up to) the first ``max_tokens`` of
+    the store, read once for all: measured after training, not averaged over a run that kept
+    changing."""
+    counts = [torch.zeros(dictionary.d_sae, dtype=torch.long) for dictionary in dictionaries]
     seen = 0
     for batch in store.iter_batches(batch_rows=4096):
-        code = dictionary.encode(batch.activation.float())
-        counts += torch.bincount(code.indices[code.values > 0], minlength=dictionary.d_sae)
+        for count, dictionary in zip(counts, dictionaries, strict=True):
+            code = dictionary.encode(batch.activation.float())
+            count += torch.bincount(code.indices[code.values > 0], minlength=dictionary.d_sae)
         seen += len(batch.activation)
         if seen >= max_tokens:
             break
-    return counts.double() / max(seen, 1)
+    return [count.double() / max(seen, 1) for count in counts]
 
 
 def fit(config: TrainConfig) -> dict:
@@ -116,7 +132,7 @@ def fit(config: TrainConfig) -> dict:
         from lexica.train.job import run_ray_training
 
         dictionaries = run_ray_training(plans, folder_url)
-    summaries = [finish(plan, dictionary) for plan, dictionary in zip(plans, dictionaries, strict=True)]
+    summaries = finish(plans, dictionaries)
     if not job.sweep:
         return summaries[0]
     return {"sweep": folder_url.rstrip("/").rsplit("/", 1)[-1], "folder": folder_url, "dictionaries": summaries}
