@@ -23,8 +23,8 @@ VARIANT_KNOBS = ("name", "architecture", "width", "k", "lr", "seed", "optimizer"
                  "lr_warmup_steps", "lr_decay_fraction", "dead_tokens", "aux_coefficient", "resample_every", "skip",
                  "extra")
 
-# Knobs already in the default name <architecture>-<hook>-<width>-k<k>.
-_NAMED = ("name", "architecture", "width", "k")
+# Knobs already in the default name <architecture>-<hook>[-to-<target>[-skip]]-<width>-k<k>.
+_NAMED = ("name", "architecture", "width", "k", "skip")
 
 
 def sweep_variants(config: TrainConfig) -> list[dict]:
