@@ -101,3 +101,6 @@ def test_a_sweep_trains_with_ddp_and_resumes_from_its_checkpoint(ray_cluster, st
     for before, after in zip(two["dictionaries"], again["dictionaries"], strict=True):
         torch.testing.assert_close(after["dictionary"].state_dict()["W_dec"],
                                    before["dictionary"].state_dict()["W_dec"])
+    # The same sweep name with other variants cannot resume that checkpoint: refused by name.
+    with pytest.raises(ConfigError, match="holds no state for topk-resid_post.0-4x-k8"):
+        fit(base_config(tmp_path / "ddp", store_url, sweep=[*variants, {"k": 8}], workers=2, name="pair"))

@@ -16,6 +16,7 @@ import threading
 import torch
 
 from lexica import storage
+from lexica.errors import ConfigError
 from lexica.progress import Progress
 from lexica.train.metrics import MetricsLog
 from lexica.train.plan import TrainingPlan, new_dictionary
@@ -29,6 +30,23 @@ def state_path(folder: str, plans: list[TrainingPlan], index: int) -> str:
     if len(plans) == 1:
         return os.path.join(folder, STATE_FILE)
     return os.path.join(folder, plans[index].name, STATE_FILE)
+
+
+def check_resumable(fs, folder: str, plans: list[TrainingPlan]) -> None:
+    """Refuse to resume a sweep whose newest checkpoint lacks one of its dictionaries (its
+    variants changed under the same name) before any worker starts, rather than deep inside one."""
+    if len(plans) == 1:
+        return
+    checkpoints = sorted(path for path in fs.glob(storage.join(folder, "checkpoints", "checkpoint_*"))
+                         if fs.isdir(path))  # not Ray's checkpoint_manager_snapshot.json beside them
+    if not checkpoints:
+        return
+    newest = checkpoints[-1]
+    missing = [plan.name for plan in plans if not fs.exists(storage.join(newest, plan.name, STATE_FILE))]
+    if missing:
+        raise ConfigError(f"the sweep's checkpoint {newest} holds no state for {', '.join(missing)}: its variants "
+                          "changed since it was written; name the new sweep differently (train.name) or restore "
+                          "its variants to resume it")
 
 
 def _worker_entry(values: dict) -> None:
@@ -88,6 +106,7 @@ def run_ray_training(plans: list[TrainingPlan], folder_url: str) -> list[torch.n
     config = plans[0].config
     use_gpu = wants_gpus(config.device, needed=config.workers)
     fs, folder = storage.url_to_fs(folder_url, config.storage_options)
+    check_resumable(fs, folder, plans)
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"plans": plans},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
