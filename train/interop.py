@@ -82,6 +82,13 @@ def read_folder(path: str, storage_options: dict | None = None) -> tuple[dict, d
     return config, weights
 
 
+def check_normalisation(config: dict, source: str) -> None:
+    normalisation = config.get("normalize_activations", "none")
+    if normalisation not in HONOURED_NORMALISATIONS:
+        raise SAEImportError(f"{source}: normalize_activations {normalisation!r} is a per-token run-time "
+                             "normalisation Lexica does not apply; only 'none' can be imported")
+
+
 def lexica_weights(config: dict, weights: dict[str, torch.Tensor], source: str) -> tuple[str, dict, int]:
     """(Lexica architecture, weights in Lexica's conventions, k) for a SAELens config and weights."""
     architecture = config.get("architecture")
@@ -95,10 +102,7 @@ def lexica_weights(config: dict, weights: dict[str, torch.Tensor], source: str) 
     if architecture not in ARCHITECTURES:
         raise SAEImportError(f"{source}: architecture {architecture!r} has no Lexica equivalent; importable: "
                            f"{', '.join([*ARCHITECTURES, 'batchtopk', 'matryoshka_batchtopk'])}")
-    normalisation = config.get("normalize_activations", "none")
-    if normalisation not in HONOURED_NORMALISATIONS:
-        raise SAEImportError(f"{source}: normalize_activations {normalisation!r} is a per-token run-time "
-                           "normalisation Lexica does not apply; only 'none' can be imported")
+    check_normalisation(config, source)
     if config.get("reshape_activations", "none") not in ("none", None):
         raise SAEImportError(f"{source}: reshape_activations {config['reshape_activations']!r} (per-head "
                            "activations) cannot be imported; Lexica's hooks are whole residual-width vectors")
@@ -137,9 +141,7 @@ def transcoder_weights(config: dict, weights: dict[str, torch.Tensor], source: s
     if config.get("apply_b_dec_to_input"):
         raise SAEImportError(f"{source}: apply_b_dec_to_input is true on a transcoder (its b_dec lives in the "
                              "output space); SAELens refuses it too")
-    if config.get("normalize_activations", "none") not in HONOURED_NORMALISATIONS:
-        raise SAEImportError(f"{source}: normalize_activations {config['normalize_activations']!r} is a "
-                             "per-token run-time normalisation Lexica does not apply; only 'none' can be imported")
+    check_normalisation(config, source)
     needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["W_skip"] if skip else []) + \
         (["threshold"] if architecture == "jumprelu" else [])
     missing = [name for name in needed if name not in weights]

@@ -6,6 +6,7 @@ Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, 
 - ``initialise_from(batch)``: data-dependent initialisation from the first batch (b_dec at the mean);
 - ``encode(x) -> SparseCode``: inference codes as (values, indices) of the active latents;
 - ``decode(code) -> Tensor``: reconstruction;
+- ``reconstruct(x) -> Tensor``: the output for input x (a skip-transcoder adds its linear path);
 - ``training_loss(x, dead_mask, variance) -> TrainOutput``: the loss to minimise and its terms
   (``forward`` is the same method, so DDP can wrap the module);
 - ``begin_step(step, total_steps)``: schedules that follow training progress (e.g. a sparsity
