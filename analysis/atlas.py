@@ -87,8 +87,7 @@ def read_table(folder_url: str, name: str, storage_options: dict | None = None) 
     path = storage.join(folder, f"{name}.parquet")
     if not storage.exists(fs, path):
         raise AtlasMissingError(f"{folder_url} has no {name}.parquet; run `lexica analysis features` first")
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
+    return storage.open_parquet(fs, path).read(use_threads=storage.parquet_threads(fs))
 
 
 def has_table(folder_url: str, name: str, storage_options: dict | None = None) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lexica import storage
 from lexica.errors import LexicaError
 from lexica.harvest.config import CorpusConfig
 from lexica.storage import to_url, url_to_fs
@@ -502,11 +503,10 @@ def _iter_source(source: Source, corpus: CorpusConfig, storage_options: dict | N
         return
     fs, path = url_to_fs(source.uri, storage_options)
     if source.format == "parquet":
-        import pyarrow.parquet as pq
-
-        with fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024, columns=[corpus.text_field]):
-                yield from batch.column(0).to_pylist()
+        parquet = storage.open_parquet(fs, path)
+        for batch in parquet.iter_batches(batch_size=1024, columns=[corpus.text_field],
+                                          use_threads=storage.parquet_threads(fs)):
+            yield from batch.column(0).to_pylist()
         return
     with _open_text(fs, path, source.compression) as handle:
         if source.format == "txt":
@@ -599,18 +599,15 @@ def _read_rows(source: Source, first_row: int, end_row: int, byte_offset: int,
 
 
 def _read_parquet_rows(fs, path: str, uri: str, first_row: int, end_row: int, text_field: str) -> list:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        groups, group_start, skip = [], 0, None
-        for group in range(parquet.num_row_groups):
-            group_rows = parquet.metadata.row_group(group).num_rows
-            if group_start + group_rows > first_row and group_start < end_row:
-                groups.append(group)
-                skip = first_row - group_start if skip is None else skip
-            group_start += group_rows
-        table = parquet.read_row_groups(groups, columns=[text_field])
+    parquet = storage.open_parquet(fs, path)
+    groups, group_start, skip = [], 0, None
+    for group in range(parquet.num_row_groups):
+        group_rows = parquet.metadata.row_group(group).num_rows
+        if group_start + group_rows > first_row and group_start < end_row:
+            groups.append(group)
+            skip = first_row - group_start if skip is None else skip
+        group_start += group_rows
+    table = parquet.read_row_groups(groups, columns=[text_field], use_threads=storage.parquet_threads(fs))
     column = table.column(text_field).slice(skip or 0, end_row - first_row)
     return column.to_pylist()
 

@@ -32,6 +32,23 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def open_parquet(fs: fsspec.AbstractFileSystem, path: str):
+    """A ``pyarrow.parquet.ParquetFile``: a local file memory-mapped, a remote one through its fsspec
+    handle without read-ahead. Read a remote one with ``use_threads=parquet_threads(fs)`` (False):
+    Arrow's readers of a Python file hold Python buffers, and one released on an Arrow thread after
+    Python began shutting down aborts the process ("terminate called without an active exception")."""
+    import pyarrow.parquet as pq
+
+    if is_local(fs):
+        return pq.ParquetFile(path, memory_map=True)
+    return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
+
+
+def parquet_threads(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether reads of an ``open_parquet`` file may use Arrow's threads (see there)."""
+    return is_local(fs)
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import xxhash
@@ -424,10 +425,7 @@ class ActivationStore:
     def _open_parquet(self, commit: CommitRecord) -> pq.ParquetFile:
         path = self.part_path(commit)
         with self._reading(commit):
-            if storage.is_local(self.fs):
-                parquet = pq.ParquetFile(path, memory_map=True)
-            else:
-                parquet = pq.ParquetFile(self.fs.open(path, "rb"), pre_buffer=True)
+            parquet = storage.open_parquet(self.fs, path)
         if parquet.metadata.num_rows != commit.rows:
             raise StoreError(f"part {commit.part} holds {parquet.metadata.num_rows} rows but its commit record "
                              f"says {commit.rows}; the store at {self.url} is damaged")
@@ -463,7 +461,7 @@ class ActivationStore:
     def read_part(self, commit: CommitRecord, columns: list[str] | None = None) -> pa.Table:
         parquet = self._open_parquet(commit)
         with self._reading(commit):
-            return parquet.read(columns=columns)
+            return parquet.read(columns=columns, use_threads=storage.parquet_threads(self.fs))
 
     def iter_batches(self, batch_rows: int = 65536, shards: list[int] | None = None) -> Iterator[ActivationBatch]:
         """Committed rows in (shard, doc_id, position) order as torch batches of ``batch_rows``."""
@@ -471,7 +469,8 @@ class ActivationStore:
         for commit in self.commits():
             if commit.rows == 0 or (wanted is not None and commit.shard not in wanted):
                 continue
-            record_batches = self._open_parquet(commit).iter_batches(batch_size=batch_rows)
+            record_batches = self._open_parquet(commit).iter_batches(batch_size=batch_rows,
+                                                                     use_threads=storage.parquet_threads(self.fs))
             while True:
                 with self._reading(commit):
                     record_batch = next(record_batches, None)
@@ -483,12 +482,16 @@ class ActivationStore:
         """Rows of the same document from ``position - before`` to ``position + after``."""
         for commit in self.commits():
             if commit.rows and commit.doc_id_min <= doc_id <= commit.doc_id_max:
-                filters = [("doc_id", "=", doc_id), ("position", ">=", position - before),
-                           ("position", "<=", position + after)]
-                filesystem = None if storage.is_local(self.fs) else self.fs
+                # Only the row groups that can hold the document (their statistics say), read as
+                # every part is (see storage.open_parquet), not by pq.read_table's dataset scanner.
+                parquet = self._open_parquet(commit)
                 with self._reading(commit):
-                    table = pq.read_table(self.part_path(commit), filters=filters, filesystem=filesystem)
-                return batch_from_table(table, self.d_model, self.dtype)
+                    table = parquet.read_row_groups(_row_groups_holding(parquet.metadata, "doc_id", doc_id),
+                                                    use_threads=storage.parquet_threads(self.fs))
+                wanted = pc.and_(pc.equal(table["doc_id"], doc_id),
+                                 pc.and_(pc.greater_equal(table["position"], position - before),
+                                         pc.less_equal(table["position"], position + after)))
+                return batch_from_table(table.filter(wanted), self.d_model, self.dtype)
         raise StoreError(f"document {doc_id} is not in any committed shard of {self.url}")
 
     def to_ray_dataset(self, **read_kwargs: Any):
@@ -639,3 +642,16 @@ def describe_differences(existing: dict, wanted: dict) -> list[str]:
                                f"vs requested {json.dumps(wanted.get(key), sort_keys=True)[:200]}")
     return differences
 
+
+def _row_groups_holding(metadata: pq.FileMetaData, column: str, value: int) -> list[int]:
+    """The row groups whose statistics for ``column`` admit ``value`` (all of them without statistics)."""
+    if metadata.num_row_groups == 0:
+        return []
+    first = metadata.row_group(0)
+    index = next(i for i in range(first.num_columns) if first.column(i).path_in_schema == column)
+    groups = []
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(index).statistics
+        if statistics is None or not statistics.has_min_max or statistics.min <= value <= statistics.max:
+            groups.append(group)
+    return groups
