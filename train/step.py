@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lexica.train.shard import average_gradients
+
 
 @dataclass
 class FiringTracker:
@@ -22,11 +24,12 @@ class FiringTracker:
         return cls(torch.zeros(d_sae, dtype=torch.long, device=device),
                    torch.zeros(d_sae, dtype=torch.long, device=device))
 
-    def update(self, fired: torch.Tensor, tokens: int) -> None:
-        """``fired``: per-latent firing counts of this worker's batch; ``tokens``: the global batch."""
+    def update(self, fired: torch.Tensor, tokens: int, group=None) -> None:
+        """``fired``: per-latent firing counts of this worker's batch; ``tokens``: the global batch;
+        ``group``: the workers holding the same latents (None: all of them)."""
         counts = fired.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)  # every worker agrees on which latents are dead
+            torch.distributed.all_reduce(counts, group=group)  # every worker agrees on which latents are dead
         self.window_counts += counts
         self.window_tokens += tokens
         self.tokens_since_fired += tokens
@@ -53,6 +56,9 @@ def train_step(dictionary: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     output = dictionary(batch, dead_mask, variance)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
+    shard = getattr(module, "shard", None)
+    if shard is not None and shard.sharded:  # a shard's copies average their gradients here, not by DDP
+        average_gradients(module, shard)
     module.before_optimizer_step()
     optimizer.step()
     module.after_step()

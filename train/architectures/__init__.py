@@ -94,17 +94,17 @@ def transcodes(name: str) -> bool:
 
 
 def build(name: str, d_in: int, d_sae: int, k: int = 1, aux_coefficient: float = 1 / 32, seed: int = 0,
-          options: dict | None = None, d_out: int | None = None, skip: bool = False) -> torch.nn.Module:
+          options: dict | None = None, d_out: int | None = None, skip: bool = False, shard=None) -> torch.nn.Module:
     """A new dictionary of architecture ``name``; ``options`` are its own (``train.extra``), validated.
     With ``d_out`` it is a transcoder writing d_out-wide outputs (with a linear skip path when
-    ``skip``)."""
+    ``skip``); with ``shard`` (``train.shard.Shard``) only that shard's slice of the latents."""
     typed = architecture_options(name, options)
     transcoder = {"d_out": d_out, "skip": skip} if d_out is not None else {}
     if transcoder and not transcodes(name):
         raise ConfigError(f"architecture {name!r} cannot be a transcoder yet; transcoders are "
                           f"{', '.join(sorted(n for n in ARCHITECTURES if transcodes(n)))}")
     return architecture_class(name)(d_in=d_in, d_sae=d_sae, k=k, aux_coefficient=aux_coefficient, seed=seed,
-                                    **dataclasses.asdict(typed), **transcoder)
+                                    **dataclasses.asdict(typed), **transcoder, shard=shard)
 
 
 # Each module registers itself on import.

@@ -10,7 +10,9 @@ import torch
 from lexica.train.architectures import SparseCode, TrainOutput, register
 from lexica.train.architectures.parts import padded_code, threshold_code
 from lexica.train.architectures.topk import TopK, TopKOptions
-from lexica.train.sparse import select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.selection import topk_rows
+from lexica.train.shard import Shard, batch_threshold, total
+from lexica.train.sparse import select_with_sparse_grad, sparse_pattern
 
 THRESHOLD_MOMENTUM = 0.99
 
@@ -18,11 +20,11 @@ THRESHOLD_MOMENTUM = 0.99
 @register("batchtopk", TopKOptions)
 class BatchTopK(TopK):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coefficient: float = 1 / 32,
-                 seed: int = 0, d_out: int | None = None, skip: bool = False):
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip)
+                 seed: int = 0, d_out: int | None = None, skip: bool = False, shard: Shard | None = None):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip, shard)
         # One threshold shared by all latents, stored per latent: the export's shape and the
         # state_dict's are the same, so exported weights load back directly. Negative = not yet set.
-        self.register_buffer("threshold", torch.full((d_sae,), -1.0))
+        self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
 
     def _select_batch(self, pre_activations: torch.Tensor):
         """(rows, latents, values) of the batch's top batch·k pre-activations, rows ascending."""
@@ -30,29 +32,80 @@ class BatchTopK(TopK):
         flat, order = flat.sort()
         return flat // self.d_sae, flat % self.d_sae, values[order]
 
-    def _encode_batch(self, x: torch.Tensor):
-        """(centered x, pre-activations, rows, latents, values with encoder gradients, pattern) of
+    def _encode_batch(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+        """(centered x, rows, latents, values with encoder gradients, pattern, AuxK's source) of
         the batch-wide selection, the threshold tracked on the way."""
         centered = x - self.input_offset.detach()
-        pre_activations = self.pre_activations(centered, reuse=True)
-        rows, latents, values = self._select_batch(pre_activations)
+        if self.in_chunks(len(x)):
+            rows, latents, values, dead_winners = self._select_batch_in_chunks(centered, dead_mask)
+        else:
+            pre_activations = self.pre_activations(centered, reuse=True)
+            rows, latents, values = self._select_batch(pre_activations)
+
+            def dead_winners(aux_k: int):
+                return self._dead_winners(centered, aux_k, dead_mask, pre_activations)
         self._track_threshold(values)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset, values, pattern).relu()
-        return centered, pre_activations, rows, latents, values, pattern
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.encoder_offset, values,
+                                         pattern).relu()
+        return centered, rows, latents, values, pattern, dead_winners
+
+    @torch.no_grad()
+    def _select_batch_in_chunks(self, centered: torch.Tensor, dead_mask: torch.Tensor | None):
+        """The batch's top batch·k pre-activations over all shards, this shard's part of them as
+        (rows, latents, values) with rows ascending, and AuxK's source; over row chunks: each chunk
+        offers its own best batch·k (the batch's winners are among them)."""
+        rows, count = len(centered), len(centered) * self.k
+        aux_k = min(self.aux_k, self._dead_count(dead_mask))
+        dead_latents = dead_mask.nonzero().view(-1) if aux_k else None
+        aux_values = centered.new_full((rows, aux_k), float("-inf"))
+        aux_latents = torch.zeros(rows, aux_k, dtype=torch.long, device=centered.device)
+        local_aux = min(aux_k, len(dead_latents)) if aux_k else 0
+        offered_values, offered_flat = [], []
+        step = self.chunk_rows(rows)
+        for start in range(0, rows, step):
+            chunk = slice(start, min(rows, start + step))
+            pre_activations = self.pre_activations(centered[chunk], reuse=True)
+            if local_aux:
+                dead = pre_activations.index_select(1, dead_latents)
+                if local_aux < len(dead_latents):
+                    dead, columns = topk_rows(dead, local_aux)
+                    aux_latents[chunk, :local_aux] = dead_latents[columns]
+                else:
+                    aux_latents[chunk, :local_aux] = dead_latents
+                aux_values[chunk, :local_aux] = dead
+            values, flat = pre_activations.view(-1).topk(min(count, pre_activations.numel()), sorted=False)
+            offered_values.append(values)
+            offered_flat.append(flat + start * self.d_sae)
+        values, flat = torch.cat(offered_values), torch.cat(offered_flat)
+        if len(values) > count:
+            values, chosen = values.topk(count, sorted=False)
+            flat = flat[chosen]
+        if self.shard.sharded:  # the batch-wide threshold is global: keep what beats it here
+            kept = values >= batch_threshold(values, count, self.shard)
+            values, flat = values[kept], flat[kept]
+        flat, order = flat.sort()
+
+        def dead_winners(aux_k_: int):
+            return self._winners(aux_values, aux_latents, aux_k_)
+        return flat // self.d_sae, flat % self.d_sae, values[order], dead_winners
 
     def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         x, y = self.split(batch)
-        centered, pre_activations, rows, latents, values, pattern = self._encode_batch(x)
-        error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
+        centered, rows, latents, values, pattern, dead_winners = self._encode_batch(x, dead_mask)
+        error = self.training_error(values, pattern, x, y)
         return self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
-                           pre_activations, y)
+                           dead_winners, y)
 
     @torch.no_grad()
     def _track_threshold(self, selected: torch.Tensor) -> None:
         positive = selected[selected > 0]
-        smallest = positive.min() if len(positive) else torch.zeros((), device=selected.device)
+        smallest = positive.min() if len(positive) else torch.full((), float("inf"), device=selected.device)
+        # The smallest over the shards (each holds the same after this), then averaged over the
+        # data-parallel copies (over every worker: the shards of a copy agree).
+        smallest = total(smallest, self.shard, torch.distributed.ReduceOp.MIN)
+        smallest = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.AVG)
         if self.threshold[0] < 0:

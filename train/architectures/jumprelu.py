@@ -18,13 +18,15 @@ from lexica.config import knob
 from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
 from lexica.train.architectures.parts import (
     Endpoints,
+    active_pairs,
     firing_counts,
     linear_warmup,
     padded_code,
     reconstruction_loss,
     threshold_code,
 )
-from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.shard import Shard
+from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_pattern
 
 
 @dataclass
@@ -49,14 +51,15 @@ class JumpReLUOptions:
 class JumpReLU(Endpoints):
     def __init__(self, d_in: int, d_sae: int, k: int = 1, l0_coefficient: float = 2e-3, bandwidth: float = 0.05,
                  sparsity_warmup: float = 0.05, initial_density: float = 0.03, init_norm: float = 0.1,
-                 seed: int = 0, d_out: int | None = None, skip: bool = False, **_ignored):
+                 seed: int = 0, d_out: int | None = None, skip: bool = False, shard: Shard | None = None,
+                 **_ignored):
         super().__init__()
         # No k: the L0 penalty sets the sparsity. Its coefficient is in units of the per-token
         # variance (as the loss), so 2e-3 ≈ trading one active latent for 0.2% of the variance.
         self.l0_coefficient, self.bandwidth, self.sparsity_warmup = l0_coefficient, bandwidth, sparsity_warmup
-        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip)
+        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip, shard=shard)
         self.initial_density = initial_density
-        self.threshold = nn.Parameter(torch.full((d_sae,), 1e-3))  # set from data by initialise_from
+        self.threshold = nn.Parameter(torch.full((self.d_sae,), 1e-3))  # set from data by initialise_from
         self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
 
     @torch.no_grad()
@@ -67,9 +70,14 @@ class JumpReLU(Endpoints):
         penalty sparsifies; starting at θ ≈ 0 (half the latents firing) would cost hundreds of
         steps of θ climbing at about the learning rate per step, with the slowest kernels."""
         x, _ = self.initialise_offsets(batch)
-        pre_activations = self.pre_activations(x - self.input_offset)
+        centered = x - self.input_offset
         rank = max(1, min(len(x), round(len(x) * (1 - self.initial_density))))
-        self.threshold.copy_(pre_activations.kthvalue(rank, dim=0).values.clamp_min(1e-3))
+        # Over latent chunks within the memory budget: each threshold is its own column's quantile.
+        columns = max(1, self.encoder_budget // (4 * len(x)))
+        for start in range(0, self.d_sae, columns):
+            latents = slice(start, start + columns)
+            pre_activations = torch.addmm(self.b_enc[latents], centered, self.W_enc[:, latents])
+            self.threshold[latents] = pre_activations.kthvalue(rank, dim=0).values.clamp_min(1e-3)
 
     def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -85,25 +93,22 @@ class JumpReLU(Endpoints):
                       variance: float | None = None) -> TrainOutput:
         x, y = self.split(batch)
         centered = x - self.input_offset.detach()
-        pre_activations = self.pre_activations(centered)
         threshold = self.threshold.detach()
-        active = pre_activations > threshold
-        near = (pre_activations - threshold).abs() < self.bandwidth / 2
-        rows, latents = (active | near).nonzero(as_tuple=True)
-        pair_active = active[rows, latents]
-        pair_near = near[rows, latents].to(x.dtype)
+        rows, latents, pre_activations, pair_active, pair_near = active_pairs(self, centered, threshold,
+                                                                              near=self.bandwidth / 2)
+        pair_near = pair_near.to(x.dtype)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset,
-                                         pre_activations[rows, latents], pattern)
+        values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.encoder_offset, pre_activations,
+                                         pattern)
         # Straight-through terms, zero in the forward pass: d(value)/dθ = -θ/ε·K and d(step)/dθ =
         # -1/ε·K, with K the rectangle kernel (1 within half a bandwidth of θ).
         theta = self.threshold[latents]
         moved = theta - theta.detach()
         values = values * pair_active + moved * (-theta.detach() / self.bandwidth * pair_near)
         steps = pair_active.to(x.dtype) + moved * (-pair_near / self.bandwidth)
-        error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
+        error = self.training_error(values, pattern, x, y)
         loss, fvu = reconstruction_loss(error, self.shifted_target(y, centered), variance)
-        l0 = steps.sum() / len(x)
+        l0 = self.summed(steps.sum()) / len(x)
         loss = loss + self.l0_coefficient * self.coefficient_scale * l0
         code = padded_code(rows[pair_active], latents[pair_active], values.detach()[pair_active], len(x))
         return TrainOutput(loss, error, code, fvu, {"fvu": float(fvu.detach()), "l0": float(l0.detach())},

@@ -16,6 +16,7 @@ from lexica.config import knob
 from lexica.train.architectures import TrainOutput, check_ranges, register
 from lexica.train.architectures.batchtopk import BatchTopK
 from lexica.train.architectures.parts import padded_code, reconstruction_loss
+from lexica.train.shard import Shard
 from lexica.train.sparse import sparse_decode, sparse_pattern
 
 DEFAULT_LEVELS = 5  # prefixes of 1/16, 1/8, 1/4, 1/2 of the width, then all of it
@@ -52,29 +53,32 @@ def prefix_sizes(d_sae: int, prefixes: list[int] | None) -> list[int]:
 @register("matryoshka", MatryoshkaOptions)
 class Matryoshka(BatchTopK):
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, prefixes: list[int] | None = None,
-                 aux_coefficient: float = 1 / 32, seed: int = 0, d_out: int | None = None, skip: bool = False):
-        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip)
+                 aux_coefficient: float = 1 / 32, seed: int = 0, d_out: int | None = None, skip: bool = False,
+                 shard: Shard | None = None):
+        super().__init__(d_in, d_sae, k, aux_k, aux_coefficient, seed, d_out, skip, shard)
         self.prefixes = prefix_sizes(d_sae, prefixes)
 
     def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,
                       variance: float | None = None) -> TrainOutput:
         x, y = self.split(batch)
-        centered, pre_activations, rows, latents, values, _ = self._encode_batch(x)
+        centered, rows, latents, values, _, dead_winners = self._encode_batch(x, dead_mask)
         shifted_target = self.shifted_target(y, centered)
         # Each level's pairs decode on their own; a prefix's error is the previous prefix's plus them.
-        level = torch.bucketize(latents, torch.tensor(self.prefixes[:-1], device=latents.device), right=True)
+        # Levels are of the whole dictionary's latents: a shard's start at its offset.
+        level = torch.bucketize(latents + self.shard.start, torch.tensor(self.prefixes[:-1], device=latents.device),
+                                right=True)
         error, prefix_losses = None, []
         for index in range(len(self.prefixes)):
             chosen = level == index
             part = sparse_pattern(rows[chosen], latents[chosen], len(x), self.d_sae)
             if error is None:
-                error = self.with_skip(sparse_decode(values[chosen], self.W_dec, part, self.b_dec, target=y), x)
+                error = self.training_error(values[chosen], part, x, y)
             else:
-                error = error + sparse_decode(values[chosen], self.W_dec, part)
+                error = error + self.summed(sparse_decode(values[chosen], self.W_dec, part))
             if index < len(self.prefixes) - 1:
                 prefix_losses.append(reconstruction_loss(error, shifted_target, variance)[0])
         output = self.losses(x, centered, error, padded_code(rows, latents, values, len(x)), dead_mask, variance,
-                             pre_activations, y)  # the full width's loss, AuxK and metrics
+                             dead_winners, y)  # the full width's loss, AuxK and metrics
         prefix_loss = torch.stack(prefix_losses).sum() if prefix_losses else torch.zeros((), device=x.device)
         return output._replace(loss=output.loss + prefix_loss,
                                terms={**output.terms, "prefix_loss": float(prefix_loss.detach())})

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from lexica.train.architectures import SparseCode
+from lexica.train.shard import Shard, gradient_summed, sum_over_shards, whole
+from lexica.train.sparse import SparsePattern, sparse_decode
 
 
 class Endpoints(nn.Module):
@@ -15,16 +17,20 @@ class Endpoints(nn.Module):
     (SAELens' ``W_skip [d_out, d_in]``). Its training rows hold [input | target] side by side."""
 
     def init_weights(self, d_in: int, d_sae: int, seed: int, row_norm: float = 1.0, d_out: int | None = None,
-                     skip: bool = False) -> None:
-        self.d_in, self.d_sae = d_in, d_sae
+                     skip: bool = False, shard: Shard | None = None) -> None:
+        # A shard worker holds only its slice of the latents (d_sae below is the slice's width);
+        # its initial weights are exactly that slice of the whole dictionary's.
+        self.shard = shard or whole(d_sae)
+        rows = (self.shard.start, self.shard.stop)
+        self.d_in, self.d_sae = d_in, self.shard.width
         self.transcoder = d_out is not None
         self.d_out = d_out if self.transcoder else d_in
-        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm)
+        decoder, encoder = tied_init(d_in, d_sae, seed, row_norm, rows)
         if self.transcoder:  # decoder rows live in the output space: drawn there, not tied to the encoder
-            decoder = tied_init(self.d_out, d_sae, seed + 1, row_norm)[0]
+            decoder = tied_init(self.d_out, d_sae, seed + 1, row_norm, rows)[0]
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(encoder)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip else None
         if self.transcoder:
@@ -36,6 +42,33 @@ class Endpoints(nn.Module):
     @property
     def input_offset(self) -> torch.Tensor:
         return self.input_mean if self.transcoder else self.b_dec
+
+    @property
+    def encoder_offset(self) -> torch.Tensor:
+        """The input offset as the training encoder uses it: each shard's winners give b_dec a
+        different gradient through it, summed over the shard group."""
+        return gradient_summed(self.input_offset, self.shard)
+
+    def training_error(self, values: torch.Tensor, pattern: SparsePattern, x: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+        """The reconstruction error of target ``y`` from the code ``values`` at ``pattern``'s pairs
+        (this shard's; the shards' partial decodes summed), with the skip path from ``x``."""
+        if not self.shard.sharded:
+            return self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
+        return self.with_skip(self.summed(sparse_decode(values, self.W_dec, pattern)) + self.b_dec - y, x)
+
+    encoder_budget = 1 << 30  # bytes of dense [rows, d_sae] pre-activations a step may hold (train.encoder_budget_mb)
+
+    def over_budget(self, rows: int) -> bool:
+        return rows * self.d_sae * 4 > self.encoder_budget
+
+    def chunk_rows(self, rows: int) -> int:
+        """Rows per encoder chunk within the budget."""
+        return max(1, min(rows, self.encoder_budget // (4 * self.d_sae)))
+
+    def summed(self, partial: torch.Tensor) -> torch.Tensor:
+        """A quantity each shard holds a part of (a reconstruction, a penalty), summed over the shards."""
+        return sum_over_shards(partial, self.shard)
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) of a training batch."""
@@ -66,11 +99,20 @@ class Endpoints(nn.Module):
         return x, y
 
 
-def tied_init(d_in: int, d_sae: int, seed: int, row_norm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+INIT_SKIP_ROWS = 16384  # rows drawn at a time when skipping to a shard's slice: bounded memory
+
+
+def tied_init(d_in: int, d_sae: int, seed: int, row_norm: float = 1.0,
+              rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random decoder rows of norm ``row_norm`` and the encoder as their transpose, so that early
-    codes already mean something (Gao et al. 2024; Anthropic's April 2024 update)."""
+    codes already mean something (Gao et al. 2024; Anthropic's April 2024 update). ``rows``
+    (start, stop) draws only that slice: the CPU generator's stream is sequential, so drawing
+    and dropping the rows before it gives exactly the whole dictionary's rows."""
     generator = torch.Generator().manual_seed(seed)
-    decoder = torch.randn(d_sae, d_in, generator=generator)
+    start, stop = rows or (0, d_sae)
+    for skipped in range(0, start, INIT_SKIP_ROWS):
+        torch.randn(min(INIT_SKIP_ROWS, start - skipped), d_in, generator=generator)
+    decoder = torch.randn(stop - start, d_in, generator=generator)
     decoder *= row_norm / decoder.norm(dim=1, keepdim=True)
     return decoder, decoder.t().clone()
 
@@ -159,6 +201,25 @@ def linear_warmup(step: int, total_steps: int, fraction: float) -> float:
     """0 → 1 over the first ``fraction`` of training (sparsity-coefficient warm-up)."""
     ramp = total_steps * fraction
     return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
+
+
+@torch.no_grad()
+def active_pairs(dictionary: Endpoints, centered: torch.Tensor, threshold: torch.Tensor | float,
+                 near: float = 0.0):
+    """(rows ascending, latents, pre-activations) of every pair whose pre-activation is above
+    ``threshold`` (or within ``near`` of it), over row chunks within the dictionary's memory
+    budget; with ``near``, also each pair's (above, within) flags."""
+    found = []
+    step = dictionary.chunk_rows(len(centered))
+    for start in range(0, len(centered), step):
+        pre_activations = torch.addmm(dictionary.b_enc, centered[start:start + step], dictionary.W_enc)
+        above = pre_activations > threshold
+        close = (pre_activations - threshold).abs() < near if near else above
+        rows, latents = (above | close).nonzero(as_tuple=True) if near else above.nonzero(as_tuple=True)
+        found.append((rows + start, latents, pre_activations[rows, latents], above[rows, latents],
+                      close[rows, latents]))
+    rows, latents, values, pair_above, pair_close = (torch.cat(column) for column in zip(*found, strict=True))
+    return (rows, latents, values, pair_above, pair_close) if near else (rows, latents, values)
 
 
 def threshold_code(pre_activations: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:

@@ -17,13 +17,15 @@ from lexica.config import knob
 from lexica.train.architectures import SparseCode, TrainOutput, check_ranges, register
 from lexica.train.architectures.parts import (
     Endpoints,
+    active_pairs,
     batch_variance,
     linear_warmup,
     padded_code,
     reconstruction_loss,
     threshold_code,
 )
-from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_decode, sparse_pattern
+from lexica.train.shard import Shard, total
+from lexica.train.sparse import decode_code, select_with_sparse_grad, sparse_pattern
 
 SPARSE_BELOW = 0.05  # active fraction under which the sparse kernels beat dense matmuls
 
@@ -43,10 +45,11 @@ class ReLUOptions:
 @register("relu", ReLUOptions)
 class ReLU(Endpoints):
     def __init__(self, d_in: int, d_sae: int, l1_coefficient: float = 5.0, sparsity_warmup: float = 0.05,
-                 init_norm: float = 0.1, seed: int = 0, d_out: int | None = None, skip: bool = False, **_ignored):
+                 init_norm: float = 0.1, seed: int = 0, d_out: int | None = None, skip: bool = False,
+                 shard: Shard | None = None, **_ignored):
         super().__init__()
         self.l1_coefficient, self.sparsity_warmup = l1_coefficient, sparsity_warmup
-        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip)
+        self.init_weights(d_in, d_sae, seed, row_norm=init_norm, d_out=d_out, skip=skip, shard=shard)
         self.coefficient_scale = 1.0  # sparsity warm-up: a function of the step, set by begin_step
         self.sparse_path = False  # both paths give the same gradients; see training_loss
 
@@ -65,20 +68,21 @@ class ReLU(Endpoints):
         x, y = self.split(batch)
         centered = x - self.input_offset.detach()
         decoder_norms = self.W_dec.norm(dim=1)
-        if self.sparse_path:
-            pre_activations = torch.addmm(self.b_enc.detach(), centered, self.W_enc.detach())
-            rows, latents = (pre_activations > 0).nonzero(as_tuple=True)
+        if self.sparse_path or self.over_budget(len(x)):
+            rows, latents, values = active_pairs(self, centered, 0.0)
             pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
-            values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.input_offset,
-                                             pre_activations[rows, latents], pattern)
-            error = self.with_skip(sparse_decode(values, self.W_dec, pattern, self.b_dec, target=y), x)
-            l1 = (values * decoder_norms[latents]).sum() / len(x)
+            values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.encoder_offset, values, pattern)
+            error = self.training_error(values, pattern, x, y)
+            l1 = self.summed((values * decoder_norms[latents]).sum()) / len(x)
             code = padded_code(rows, latents, values.detach(), len(x))
             fired = torch.bincount(latents, minlength=self.d_sae)
         else:
-            codes = torch.relu(torch.addmm(self.b_enc, x - self.input_offset, self.W_enc))
-            error = self.with_skip(torch.addmm(self.b_dec, codes, self.W_dec).sub_(y), x)
-            l1 = (codes * decoder_norms).sum() / len(x)
+            codes = torch.relu(torch.addmm(self.b_enc, x - self.encoder_offset, self.W_enc))
+            if self.shard.sharded:
+                error = self.with_skip(self.summed(codes @ self.W_dec) + self.b_dec - y, x)
+            else:
+                error = self.with_skip(torch.addmm(self.b_dec, codes, self.W_dec).sub_(y), x)
+            l1 = self.summed((codes * decoder_norms).sum()) / len(x)
             code = None  # materialising a padded code of a dense batch would cost more than the step
             fired = (codes.detach() > 0).sum(0)
         # The next step takes the sparse path once this one was sparse enough.
@@ -92,7 +96,7 @@ class ReLU(Endpoints):
         loss = loss + self.l1_coefficient * self.coefficient_scale * scale * l1
         return TrainOutput(loss, error, code, fvu,
                            {"fvu": float(fvu.detach()), "l1": float(l1.detach()),
-                            "l0": float(fired.sum()) / len(x)}, fired)
+                            "l0": float(total(fired.sum(), self.shard)) / len(x)}, fired)
 
     forward = training_loss
 
