@@ -4,25 +4,29 @@ with AuxK's dead latents spread over the shards; 2 copies × 2 shards equal one 
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
-import socket
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
+from test_train_ray import config_for
+from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
+from lexica.errors import ConfigError
 from lexica.train.architectures import build
-from lexica.train.shard import new_shard, whole
+from lexica.train.fit import fit
+from lexica.train.shard import SLICED, new_shard, whole
 from lexica.train.step import train_step
 
 D_IN, D_SAE, K, BATCH, STEPS = 16, 64, 6, 96, 6
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def data(step: int) -> torch.Tensor:
@@ -75,9 +79,6 @@ def train_sharded(tmp_path, architecture: str, world: int, shards: int, options:
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
-SLICED = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
-
-
 def assert_same_dictionary(whole_state: dict, shard_states: list[dict], shards: int) -> None:
     for name, expected in whole_state.items():
         if name in SLICED:
@@ -116,3 +117,63 @@ def test_encoder_in_row_chunks_trains_the_same_dictionary(architecture):
     chunked = train(architecture, whole(D_SAE), budget=4 * D_SAE * 10)  # 10 rows per chunk
     for name, tensor in reference.items():
         torch.testing.assert_close(chunked[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    raw = synthetic(12_000, ground_truth(), torch.Generator().manual_seed(5)) * 10
+    return write_synthetic_store(str(tmp_path_factory.mktemp("shard-store") / "run"), raw, shards=3)
+
+
+def sharded_config(run: str, store: str, tokens: int | None = None, checkpoint_every: int = 10, **changes):
+    config = config_for(run, store, workers=2, tokens=tokens, checkpoint_every=checkpoint_every)
+    return dataclasses.replace(config, shards=2, cpus_per_worker=1, **changes)
+
+
+def test_a_two_shard_ray_job_trains_and_exports_what_one_worker_does(ray_cluster, store_url, tmp_path):
+    # Both read the same two data lanes: one worker both, the two shards of the one copy both.
+    one = fit(config_for(str(tmp_path / "one"), store_url, workers=1, data_lanes=2))
+    two = fit(sharded_config(str(tmp_path / "two"), store_url))
+    for name, tensor in one["dictionary"].state_dict().items():
+        torch.testing.assert_close(two["dictionary"].state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    exported = [open(os.path.join(summary["folder"], "final", "sae_weights.safetensors"), "rb").read()
+                for summary in (one, two)]
+    assert len(exported[0]) == len(exported[1])
+    # One file per shard in each checkpoint, each holding half the latents and their optimiser state.
+    newest = sorted(path for path in glob.glob(os.path.join(two["folder"], "checkpoints", "checkpoint_*"))
+                    if os.path.isdir(path))[-1]
+    assert sorted(os.listdir(newest)) == ["shard-0-of-2.pt", "shard-1-of-2.pt"]
+    d_sae = one["dictionary"].d_sae
+    for index in range(2):
+        state = torch.load(os.path.join(newest, f"shard-{index}-of-2.pt"), weights_only=True)
+        assert state["dictionary"]["W_dec"].shape[0] == d_sae // 2
+        moments = [tensor for entry in state["optimizer"]["state"].values() for tensor in entry.values()
+                   if torch.is_tensor(tensor) and tensor.dim() == 2]
+        assert moments and all(d_sae // 2 in tensor.shape and d_sae not in tensor.shape for tensor in moments)
+    # The same run with another number of shards is refused, naming what would resume it.
+    with pytest.raises(ConfigError, match="train.shards = 2, this job has 1; resume with --shards 2"):
+        fit(dataclasses.replace(config_for(str(tmp_path / "two"), store_url, workers=2), cpus_per_worker=1))
+
+
+def test_killed_sharded_job_resumes_to_the_same_weights(ray_cluster, store_url, tmp_path):
+    tokens = 80_000  # 156 steps: long enough to kill part-way
+    reference = fit(sharded_config(str(tmp_path / "reference"), store_url, tokens=tokens, checkpoint_every=40))
+    run = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
+               "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--workers", "2", "--shards", "2",
+               "--cpus-per-worker", "1", "--set", "buffer_rows=4096", "--set", "log_every=5",
+               "--set", "checkpoint_every=40", "--set", "eval_tokens=0"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "RAY_ADDRESS": ""})
+    pattern = os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "shard-1-of-2.pt")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None and not glob.glob(pattern):
+            time.sleep(0.1)
+        assert process.poll() is None, "training finished before it was killed: " + process.stderr.read().decode()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver, its Ray and the workers, at once
+        process.wait()
+    resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=40))
+    for name, tensor in reference["dictionary"].state_dict().items():
+        torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

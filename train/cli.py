@@ -9,7 +9,7 @@ from lexica.train.config import TrainConfig, describe_defaults, resolve_sources
 
 FLAGS = {"store": "store", "hook": "hook", "run": "run", "name": "name", "arch": "architecture", "width": "width",
          "k": "k", "batch_size": "batch_size", "tokens": "tokens", "lr": "lr", "seed": "seed", "device": "device",
-         "workers": "workers", "cpus_per_worker": "cpus_per_worker", "sweep": "sweep"}
+         "workers": "workers", "shards": "shards", "cpus_per_worker": "cpus_per_worker", "sweep": "sweep"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,11 @@ class TrainConfig:
     log_every: int = knob(50, "steps between metric lines")
     workers: int | None = knob(None, "Ray Train workers (DDP): default one per GPU of the cluster, else one; 0 trains "
                                      "in this process without Ray")
+    shards: int = knob(1, "split each dictionary's latents over this many workers: each holds 1/shards of the "
+                          "weights and their optimiser state; workers must be a multiple (workers/shards "
+                          "data-parallel copies)")
+    encoder_budget_mb: int = knob(1024, "the largest dense [batch, latents] pre-activation tensor a worker holds at "
+                                        "once (MiB); beyond it the encoder runs over row chunks")
     checkpoint_every: int = knob(200, "steps between checkpoints (Ray Train); a re-run resumes from the newest")
     cpus_per_worker: float | None = knob(None, "CPUs reserved per training worker, and its torch threads: default the "
                                                "cluster's CPUs shared among the workers")
@@ -94,6 +99,18 @@ class TrainConfig:
         if lanes % workers or self.batch_size % lanes:
             raise ConfigError(f"data_lanes = {lanes} must be a multiple of workers ({workers}) and divide batch_size "
                               f"({self.batch_size})")
+        if self.shards < 1 or self.encoder_budget_mb < 1:
+            raise ConfigError(f"shards = {self.shards} and encoder_budget_mb = {self.encoder_budget_mb} must be >= 1")
+        if self.shards > 1:
+            if (self.workers or 0) < self.shards or self.workers % self.shards:
+                raise ConfigError(f"shards = {self.shards} needs workers to be a multiple of it (workers = "
+                                  f"{self.workers}): each shard is a Ray Train worker")
+            if latents % self.shards:
+                raise ConfigError(f"width {self.width} gives {latents} latents, which {self.shards} shards cannot "
+                                  "split equally; choose shards dividing the width")
+            if self.resample_every:
+                raise ConfigError("resample_every is not available with shards > 1 yet; AuxK (dead latents, on by "
+                                  "default) works with shards")
         from lexica.train.optimizers import OPTIMIZERS, SCHEDULES
 
         if self.optimizer not in OPTIMIZERS:

@@ -20,29 +20,48 @@ from lexica.errors import ConfigError
 from lexica.progress import Progress
 from lexica.train.metrics import MetricsLog
 from lexica.train.plan import TrainingPlan, new_dictionary
+from lexica.train.shard import SLICED
 from lexica.train.worker import train_worker
 
 STATE_FILE = "state.pt"
 
 
-def state_path(folder: str, plans: list[TrainingPlan], index: int) -> str:
-    """A dictionary's state inside a checkpoint: ``state.pt``, or ``<name>/state.pt`` in a sweep's."""
+def state_file(shard: int = 0, shards: int = 1) -> str:
+    """The file of one dictionary's state: ``state.pt``, or a shard's ``shard-<i>-of-<S>.pt``."""
+    return STATE_FILE if shards == 1 else f"shard-{shard}-of-{shards}.pt"
+
+
+def state_path(folder: str, plans: list[TrainingPlan], index: int, shard: int = 0) -> str:
+    """A dictionary's state inside a checkpoint: ``state.pt`` (or one file per shard), inside
+    ``<name>/`` in a sweep's."""
+    name = state_file(shard, plans[0].config.shards)
     if len(plans) == 1:
-        return os.path.join(folder, STATE_FILE)
-    return os.path.join(folder, plans[index].name, STATE_FILE)
+        return os.path.join(folder, name)
+    return os.path.join(folder, plans[index].name, name)
 
 
 def check_resumable(fs, folder: str, plans: list[TrainingPlan]) -> None:
-    """Refuse to resume a sweep whose newest checkpoint lacks one of its dictionaries (its
-    variants changed under the same name) before any worker starts, rather than deep inside one."""
-    if len(plans) == 1:
-        return
+    """Refuse, before any worker starts rather than deep inside one, to resume from a newest
+    checkpoint written with another number of shards, or a sweep's that lacks one of its
+    dictionaries (its variants changed under the same name)."""
     checkpoints = sorted(path for path in fs.glob(storage.join(folder, "checkpoints", "checkpoint_*"))
                          if fs.isdir(path))  # not Ray's checkpoint_manager_snapshot.json beside them
     if not checkpoints:
         return
     newest = checkpoints[-1]
-    missing = [plan.name for plan in plans if not fs.exists(storage.join(newest, plan.name, STATE_FILE))]
+    shards = plans[0].config.shards
+    first = storage.join(newest, *([plans[0].name] if len(plans) > 1 else []))
+    if fs.exists(first) and not fs.exists(storage.join(first, state_file(0, shards))):
+        written = sorted(storage.list_names(fs, first))
+        found = next((name for name in written if name.startswith("shard-") or name == STATE_FILE), None)
+        was = 1 if found == STATE_FILE else int(found.rsplit("-", 1)[-1].split(".")[0]) if found else None
+        if was is not None:
+            raise ConfigError(f"the newest checkpoint {newest} was written with train.shards = {was}, this job has "
+                              f"{shards}; resume with --shards {was} (a checkpoint is not resharded), or train "
+                              "afresh under another name")
+    if len(plans) == 1:
+        return
+    missing = [plan.name for plan in plans if not fs.exists(storage.join(newest, plan.name, state_file(0, shards)))]
     if missing:
         raise ConfigError(f"the sweep's checkpoint {newest} holds no state for {', '.join(missing)}: its variants "
                           "changed since it was written; name the new sweep differently (train.name) or restore "
@@ -57,13 +76,15 @@ def _worker_entry(values: dict) -> None:
     torch.set_num_threads(max(1, int(plans[0].config.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    shards = plans[0].config.shards
+    shard = rank % shards  # the slice of the latents this rank holds (see train/shard.py)
     device = ray.train.torch.get_device()
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             # Our own checkpoint, read tensors-only: weights_only refuses arbitrary pickled objects.
-            resume = [torch.load(state_path(folder, plans, index), map_location=device, weights_only=True)
+            resume = [torch.load(state_path(folder, plans, index, shard), map_location=device, weights_only=True)
                       for index in range(len(plans))]
     metrics_logs = [MetricsLog(plan, track=True) for plan in plans] if rank == 0 else []
 
@@ -75,9 +96,9 @@ def _worker_entry(values: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as folder:
             checkpoint_out = None
-            if rank == 0:
+            if rank < shards:  # the first copy: one file per shard, merged into one checkpoint by Ray Train
                 for index, state in enumerate(states):
-                    path = state_path(folder, plans, index)
+                    path = state_path(folder, plans, index, shard)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     torch.save(state, path)
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
@@ -121,11 +142,19 @@ def run_ray_training(plans: list[TrainingPlan], folder_url: str) -> list[torch.n
     dictionaries = []
     with result.checkpoint.as_directory() as checkpoint_folder:
         for index, plan in enumerate(plans):
-            state = torch.load(state_path(checkpoint_folder, plans, index), map_location="cpu", weights_only=True)
             dictionary = new_dictionary(plan, "cpu")
-            dictionary.load_state_dict(state["dictionary"])
+            dictionary.load_state_dict(joined_state(
+                [state_path(checkpoint_folder, plans, index, shard) for shard in range(config.shards)]))
             dictionaries.append(dictionary)
     return dictionaries
+
+
+def joined_state(paths: list[str]) -> dict[str, torch.Tensor]:
+    """The whole dictionary's weights from its shards' state files, in shard order (each read
+    memory-mapped: only the joined tensors take memory)."""
+    states = [torch.load(path, map_location="cpu", weights_only=True, mmap=True)["dictionary"] for path in paths]
+    return {name: torch.cat([state[name] for state in states], dim=SLICED[name]) if name in SLICED else tensor
+            for name, tensor in states[0].items()}
 
 
 class MetricsWatcher:

@@ -158,9 +158,12 @@ def default_lr(optimizer: str, d_sae: int) -> float:
     return BASE_LR[optimizer] / math.sqrt(d_sae / 2**14)
 
 
-def new_dictionary(plan: TrainingPlan, device) -> torch.nn.Module:
+def new_dictionary(plan: TrainingPlan, device, shard=None) -> torch.nn.Module:
+    """The plan's new dictionary (only ``shard``'s slice of its latents, when given)."""
     config = plan.config
     torch.manual_seed(config.seed)
-    return build(config.architecture, d_in=plan.d_model, d_sae=plan.d_sae, k=config.k,
-                 aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra, d_out=plan.d_out,
-                 skip=config.skip).to(device)
+    dictionary = build(config.architecture, d_in=plan.d_model, d_sae=plan.d_sae, k=config.k,
+                       aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra,
+                       d_out=plan.d_out, skip=config.skip, shard=shard)
+    dictionary.encoder_budget = config.encoder_budget_mb << 20
+    return dictionary.to(device)

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# The tensors a shard holds a slice of, and the dimension they are sliced along (latents).
+SLICED = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -71,7 +74,14 @@ def replica_groups(world: int, shards: int) -> tuple[list[list[int]], list[list[
     return shard_groups, replica_groups_
 
 
-def new_shard(rank: int, world: int, shards: int, d_sae: int) -> Shard:
+def of_width(shard: Shard, d_sae: int) -> Shard:
+    """The same slice and groups for a dictionary of ``d_sae`` latents (a sweep's dictionaries
+    share the job's groups)."""
+    check_width(d_sae, shard.count)
+    return Shard(shard.index, shard.count, d_sae, shard.group, shard.replicas)
+
+
+def new_shard(rank: int, world: int, shards: int, d_sae: int = 0) -> Shard:
     """This rank's shard, creating the job's process sub-groups (every rank must call it, in the
     same order: ``new_group`` is collective)."""
     if shards == 1:

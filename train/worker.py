@@ -17,6 +17,7 @@ from lexica.train.memory import retain_freed_memory
 from lexica.train.optimizers import evaluation_weights, new_optimizer, training_weights
 from lexica.train.plan import TrainingPlan, new_dictionary
 from lexica.train.resample import resample_dead
+from lexica.train.shard import Shard, new_shard, of_width, total, whole
 from lexica.train.step import FiringTracker, learning_rate, train_step
 
 
@@ -32,17 +33,24 @@ class Member:
     tracker: FiringTracker
     resampled: int = 0
 
+    @property
+    def shard(self) -> Shard:
+        return self.dictionary.shard
+
     def state(self, step: int) -> dict:
+        """What a checkpoint holds of this dictionary (of a shard: its slice, and which it is)."""
         return {"step": step, "dictionary": self.dictionary.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "tokens_since_fired": self.tracker.tokens_since_fired.clone(), "resampled": self.resampled}
+                "tokens_since_fired": self.tracker.tokens_since_fired.clone(), "resampled": self.resampled,
+                "shard": torch.tensor([self.shard.index, self.shard.count])}
 
 
 def new_member(plan: TrainingPlan, first_batch: Callable[[], torch.Tensor], device, resume: dict | None,
-               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None) -> Member:
-    """A dictionary initialised from the job's first global batch, or restored from ``resume``."""
+               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None, shard: Shard | None = None) -> Member:
+    """A dictionary (``shard``'s slice of it) initialised from the job's first global batch, or
+    restored from ``resume``."""
     config = plan.config
-    dictionary = new_dictionary(plan, device)
-    tracker = FiringTracker.create(plan.d_sae, device)
+    dictionary = new_dictionary(plan, device, of_width(shard, plan.d_sae) if shard else whole(plan.d_sae))
+    tracker = FiringTracker.create(dictionary.d_sae, device)
     if resume:
         dictionary.load_state_dict(resume["dictionary"])
         tracker.tokens_since_fired.copy_(resume["tokens_since_fired"])
@@ -54,8 +62,8 @@ def new_member(plan: TrainingPlan, first_batch: Callable[[], torch.Tensor], devi
         optimizer.load_state_dict(resume["optimizer"])
         if resume["step"] < plan.total_steps:
             training_weights(optimizer)  # a finished run's state holds the averaged weights
-    return Member(plan, dictionary, wrap(dictionary) if wrap else dictionary, optimizer, tracker,
-                  resume.get("resampled", 0) if resume else 0)
+    wrapped = wrap(dictionary) if wrap and not dictionary.shard.sharded else dictionary  # shards average themselves
+    return Member(plan, dictionary, wrapped, optimizer, tracker, resume.get("resampled", 0) if resume else 0)
 
 
 def member_step(member: Member, step: int, batch: torch.Tensor):
@@ -70,7 +78,8 @@ def member_step(member: Member, step: int, batch: torch.Tensor):
     tracker = member.tracker
     dead_mask = tracker.tokens_since_fired >= plan.dead_tokens
     output = train_step(member.model, member.optimizer, batch, dead_mask if dead_mask.any() else None, plan.variance)
-    tracker.update(output.fired, tokens=config.batch_size)
+    shard = member.shard
+    tracker.update(output.fired, tokens=config.batch_size, group=shard.replicas if shard.sharded else None)
     done = step + 1
     if config.resample_every and done % config.resample_every == 0 and done < plan.total_steps:
         # Seeded by the step, so a resumed run resamples exactly as an uninterrupted one.
@@ -81,7 +90,7 @@ def member_step(member: Member, step: int, batch: torch.Tensor):
         member.resampled += len(revived)
     if done == plan.total_steps:
         evaluation_weights(member.optimizer)  # the last state holds the weights to export
-    return output, float(dead_mask.float().mean())
+    return output, float(total(dead_mask.sum(), shard)) / plan.d_sae
 
 
 def member_metrics(member: Member, done: int, output, dead_fraction: float, timing: dict) -> dict:
@@ -90,7 +99,7 @@ def member_metrics(member: Member, done: int, output, dead_fraction: float, timi
     frequencies = tracker.window_counts.float() / max(tracker.window_tokens, 1)
     metrics = {"step": done, "tokens": done * member.plan.config.batch_size, "loss": float(output.loss.detach()),
                **output.terms, "dead_fraction": dead_fraction, "resampled": member.resampled,
-               "dense_fraction": float((frequencies > 0.1).float().mean()),
+               "dense_fraction": float(total((frequencies > 0.1).sum(), member.shard)) / member.plan.d_sae,
                "lr": member.optimizer.param_groups[0]["lr"], **timing}
     tracker.reset_window()
     return metrics
@@ -122,7 +131,10 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
     retain_freed_memory()  # the step's temporaries are reused, not page-faulted in afresh
     store = ActivationStore(plans[0].store_url, config.storage_options)
     lanes = config.lanes()
-    per_worker = lanes // world  # this worker's lanes: its slice of every global batch, read by it alone
+    # The shards of one copy of the dictionaries read the same rows: the lanes are split among copies.
+    shard = new_shard(rank, world, config.shards) if world > 1 else None
+    copies, copy = world // config.shards, rank // config.shards
+    per_copy = lanes // copies  # this copy's lanes: its slice of every global batch
     scale, data_seed = plans[0].batch_scale(device), plans[0].data_seed
     target = ActivationStore(plans[0].target_url, config.storage_options) if plans[0].target_url else None
     first: list[torch.Tensor] = []
@@ -134,7 +146,7 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
                                                lanes=lanes, read_count=read_count, target=target)))
         return first[0]
 
-    members = [new_member(plan, first_batch, device, resume[index] if resume else None, wrap)
+    members = [new_member(plan, first_batch, device, resume[index] if resume else None, wrap, shard)
                for index, plan in enumerate(plans)]
     first.clear()
     start_step = resume[0]["step"] if resume else 0
@@ -142,7 +154,7 @@ def train_worker(plans: list[TrainingPlan], rank: int = 0, world: int = 1, devic
     # Started only now, right before the try that closes it: nothing above can leave its thread running.
     batches = Prefetcher(shuffled_batches(store, config.batch_size, config.buffer_rows, data_seed, scale, device,
                                           skip_batches=start_step, lanes=lanes,
-                                          lane_ids=list(range(rank * per_worker, (rank + 1) * per_worker)),
+                                          lane_ids=list(range(copy * per_copy, (copy + 1) * per_copy)),
                                           read_count=read_count, target=target))
     started = window_started = time.monotonic()
     window_waited = 0.0
