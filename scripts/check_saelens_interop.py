@@ -68,7 +68,43 @@ def lexica_to_saelens(work: str) -> list[tuple[str, float, str]]:
                 theirs.cfg.metadata.model_name != "synthetic-model":
             difference = float("inf")
         results.append((f"Lexica {architecture} -> SAELens", difference, names))
+        if architecture in ("topk", "batchtopk", "jumprelu"):
+            results.append(sharded_export_to_saelens(dictionary, scale, folder, work))
     return results + transcoders_to_saelens(work)
+
+
+def sharded_export_to_saelens(dictionary, scale: float, whole_folder: str, work: str) -> tuple[str, float, str]:
+    """The same dictionary split into 2 shards and exported shard by shard (as a sharded training
+    job exports it): the file holds the whole export's weights, and SAELens loads it."""
+    from sae_lens import SAE
+    from safetensors.torch import load_file
+
+    from lexica.train.architectures import build
+    from lexica.train.export import export_shards
+    from lexica.train.shard import SLICED, Shard
+
+    state = dictionary.state_dict()
+
+    def shards():
+        for index in range(2):
+            part = build(dictionary.architecture, d_in=D_IN, d_sae=D_SAE, k=K, seed=1, shard=Shard(index, 2, D_SAE))
+            width = D_SAE // 2
+            part.load_state_dict({name: tensor.narrow(SLICED[name], index * width, width) if name in SLICED else tensor
+                                  for name, tensor in state.items()})
+            yield part
+
+    folder = os.path.join(work, "lexica-sharded", dictionary.architecture)
+    export_shards(shards(), scale, folder, {"hook": HOOK, "model": {"id": "synthetic-model"}})
+    whole = load_file(os.path.join(whole_folder, "sae_weights.safetensors"))
+    streamed = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    theirs, reference = SAE.load_from_disk(folder, device="cpu"), SAE.load_from_disk(whole_folder, device="cpu")
+    x = data(256, 98)
+    with torch.no_grad():
+        difference = relative(theirs.decode(theirs.encode(x)), reference.decode(reference.encode(x)))
+    if whole.keys() != streamed.keys() or not all(torch.equal(whole[name], streamed[name]) for name in whole):
+        difference = float("inf")
+    return (f"Lexica {dictionary.architecture} in 2 shards -> SAELens", difference,
+            f"{type(theirs).__name__}, weights identical to the whole export's")
 
 
 def transcoders_to_saelens(work: str) -> list[tuple[str, float, str]]:

@@ -25,4 +25,4 @@ def test_every_architecture_round_trips_through_the_real_saelens():
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert len(lines) == 24 and all(line.startswith("ok") for line in lines), result.stdout
+    assert len(lines) == 27 and all(line.startswith("ok") for line in lines), result.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
+from safetensors.torch import load_file
 from test_train_ray import config_for
 from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
@@ -134,11 +136,14 @@ def test_a_two_shard_ray_job_trains_and_exports_what_one_worker_does(ray_cluster
     # Both read the same two data lanes: one worker both, the two shards of the one copy both.
     one = fit(config_for(str(tmp_path / "one"), store_url, workers=1, data_lanes=2))
     two = fit(sharded_config(str(tmp_path / "two"), store_url))
-    for name, tensor in one["dictionary"].state_dict().items():
-        torch.testing.assert_close(two["dictionary"].state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    exported = [open(os.path.join(summary["folder"], "final", "sae_weights.safetensors"), "rb").read()
+    # The export, streamed shard by shard into one file, equals the unsharded job's.
+    exported = [load_file(os.path.join(summary["folder"], "final", "sae_weights.safetensors"))
                 for summary in (one, two)]
-    assert len(exported[0]) == len(exported[1])
+    assert exported[0].keys() == exported[1].keys()
+    for name, tensor in exported[0].items():
+        torch.testing.assert_close(exported[1][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    configs = [json.load(open(os.path.join(summary["folder"], "final", "cfg.json"))) for summary in (one, two)]
+    assert {**configs[1], "metadata": None} == {**configs[0], "metadata": None}
     # One file per shard in each checkpoint, each holding half the latents and their optimiser state.
     newest = sorted(path for path in glob.glob(os.path.join(two["folder"], "checkpoints", "checkpoint_*"))
                     if os.path.isdir(path))[-1]
@@ -175,5 +180,5 @@ def test_killed_sharded_job_resumes_to_the_same_weights(ray_cluster, store_url, 
         os.killpg(process.pid, signal.SIGKILL)  # the driver, its Ray and the workers, at once
         process.wait()
     resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=40))
-    for name, tensor in reference["dictionary"].state_dict().items():
+    for name, tensor in reference["dictionary"].state_dict().items():  # the exports
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

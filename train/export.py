@@ -3,6 +3,13 @@ loading back (safetensors only: never unpickle a dictionary)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -11,6 +18,7 @@ from lexica import storage
 from lexica.errors import LexicaError
 from lexica.run import EXPORTED_AT_KEY, export_timestamp
 from lexica.train.architectures import build
+from lexica.train.shard import SLICED
 
 SAELENS_NAMES = {"standard": "relu"}  # SAELens architecture names that differ from ours
 SAELENS_LAYOUT_VERSION = "6.0.0"  # the SAELens cfg.json layout these exports follow
@@ -76,14 +84,23 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     weights = {name: tensor.detach().float().cpu()
                for name, tensor in folded_weights(dictionary, scale, target_scale).items()}
+    storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
+    storage.write_json(fs, storage.join(folder, "cfg.json"),
+                       export_config(dictionary, dictionary.d_sae, "W_skip" in weights, metadata, scale, target_scale))
+    return folder_url
+
+
+def export_config(dictionary: torch.nn.Module, d_sae: int, skip: bool, metadata: dict, scale: float,
+                  target_scale: float | None) -> dict:
+    """The export's ``cfg.json``: SAELens' fields, then Lexica's own metadata."""
     own = dictionary.export_config()
     transcoder = {}
     if getattr(dictionary, "transcoder", False):
         # SAELens transcoders never subtract b_dec (an output-space bias) from their input.
-        transcoder = {"architecture": transcoder_architecture(own["architecture"], "W_skip" in weights),
+        transcoder = {"architecture": transcoder_architecture(own["architecture"], skip),
                       "d_out": dictionary.d_out, "apply_b_dec_to_input": False}
-    config = {
-        "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "dtype": "float32", "device": "cpu",
+    return {
+        "d_in": dictionary.d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
         **own, **transcoder,
         "metadata": {**saelens_names(metadata), **metadata, "lexica_normalisation_scale_folded": scale,
@@ -91,9 +108,91 @@ def export_dictionary(dictionary: torch.nn.Module, scale: float, folder_url: str
                      "lexica_architecture": dictionary.architecture, "k": getattr(dictionary, "k", None),
                      **({"lexica_target_scale_folded": target_scale} if target_scale is not None else {})},
     }
-    storage.write_bytes(fs, storage.join(folder, "sae_weights.safetensors"), save(weights))
+
+
+def export_shards(shard_dictionaries: Iterator[torch.nn.Module], scale: float, folder_url: str, metadata: dict,
+                  storage_options: dict | None = None, target_scale: float | None = None) -> str:
+    """Write a sharded dictionary, given as its shards' modules in shard order (made one at a time
+    by the iterator), as one SAELens-layout export identical to the whole dictionary's: each
+    shard's folded weights are written into their places in one safetensors file, so no more
+    than one shard is ever in memory."""
+    fs, folder = storage.url_to_fs(folder_url, storage_options)
+    shards = iter(shard_dictionaries)
+    first = next(shards)
+    count, d_sae = first.shard.count, first.shard.d_sae
+    weights = _folded(first, scale, target_scale)
+    shapes = {name: [dim * count if SLICED.get(name) == axis else dim for axis, dim in enumerate(tensor.shape)]
+              for name, tensor in weights.items()}
+    header, offsets = _safetensors_header(shapes)
+    local = storage.is_local(fs)
+    fs.makedirs(folder, exist_ok=True)
+    final = storage.join(folder, "sae_weights.safetensors")
+    handle, temp_path = tempfile.mkstemp(suffix=".safetensors.tmp", dir=folder if local else None)
+    try:
+        total = len(header) + max((end for _, end in offsets.values()), default=0)
+        os.ftruncate(handle, total)
+        os.pwrite(handle, header, 0)
+        base = len(header)
+        config = export_config(first, d_sae, "W_skip" in weights, metadata, scale, target_scale)
+        for index in range(count):
+            dictionary = first if index == 0 else next(shards)
+            weights = weights if index == 0 else _folded(dictionary, scale, target_scale)
+            for name, tensor in weights.items():
+                _write_part(handle, base + offsets[name][0], tensor, shapes[name], SLICED.get(name), index,
+                            replicated=name not in SLICED)
+            first = weights = dictionary = None  # this shard's memory goes before the next one's comes
+        os.fsync(handle)
+        os.close(handle)
+        handle = None
+        if local:
+            os.replace(temp_path, final)
+        else:
+            fs.put(temp_path, final)  # the object appears once its upload completes
+    finally:
+        if handle is not None:
+            os.close(handle)
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
     storage.write_json(fs, storage.join(folder, "cfg.json"), config)
     return folder_url
+
+
+def _folded(dictionary: torch.nn.Module, scale: float, target_scale: float | None) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().float().cpu().contiguous()
+            for name, tensor in folded_weights(dictionary, scale, target_scale).items()}
+
+
+def _safetensors_header(shapes: dict[str, list[int]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The safetensors header (8-byte length, JSON padded to 8 bytes) of float32 tensors of
+    ``shapes`` laid out in name order, and each tensor's (begin, end) within the data."""
+    offsets, position = {}, 0
+    for name in sorted(shapes):
+        size = 4 * math.prod(shapes[name])
+        offsets[name] = (position, position + size)
+        position += size
+    document = {name: {"dtype": "F32", "shape": shapes[name], "data_offsets": list(offsets[name])}
+                for name in sorted(shapes)}
+    text = json.dumps(document, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+def _write_part(handle: int, start: int, tensor: torch.Tensor, shape: list[int], axis: int | None, index: int,
+                replicated: bool) -> None:
+    """Write shard ``index``'s ``tensor`` into its place in a row-major tensor of ``shape``
+    beginning at byte ``start``: sliced along ``axis`` 0 it is one contiguous block; along axis 1,
+    one block per row; a replicated tensor is written once, by the first shard."""
+    if replicated:
+        if index == 0:
+            os.pwrite(handle, tensor.numpy().tobytes(), start)
+        return
+    if axis == 0:
+        os.pwrite(handle, tensor.numpy().tobytes(), start + index * tensor.numel() * 4)
+        return
+    rows, width = tensor.shape
+    array = tensor.numpy()
+    for row in range(rows):
+        os.pwrite(handle, array[row].tobytes(), start + (row * shape[1] + index * width) * 4)
 
 
 def load_dictionary(folder_url: str, storage_options: dict | None = None) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from lexica import storage
 from lexica.run import Run
 from lexica.store import ActivationStore
 from lexica.train.config import TrainConfig, sized_for
-from lexica.train.export import export_dictionary, load_dictionary
+from lexica.train.export import export_dictionary, export_shards, load_dictionary
 from lexica.train.metrics import MetricsLog
 from lexica.train.plan import TrainingPlan, job_folder, plan_job
 from lexica.train.worker import train_worker
@@ -28,8 +28,13 @@ def export(plan: TrainingPlan, dictionary: torch.nn.Module, store: ActivationSto
     if target_hook:
         metadata.update({"target_hook": target_hook, "lexica_target_store": plan.target_url})
     final_url = Run(config.run, config.storage_options).export_url(plan.name)
-    export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options,
-                      plan.target_scale if plan.target_url else None)
+    target_scale = plan.target_scale if plan.target_url else None
+    if isinstance(dictionary, torch.nn.Module):
+        export_dictionary(dictionary.cpu(), plan.scale, final_url, metadata, config.storage_options, target_scale)
+    else:  # a sharded job's: streamed from its checkpoint's shard files into one export
+        with dictionary.checkpoint.as_directory() as folder:
+            export_shards(dictionary.shards(folder), plan.scale, final_url, metadata, config.storage_options,
+                          target_scale)
     return load_dictionary(final_url, config.storage_options)
 
 
@@ -52,6 +57,9 @@ def finish(plans: list[TrainingPlan], dictionaries: list[torch.nn.Module]) -> li
         evaluations = evaluate_dictionaries(exported, store.manifest, config.eval_tokens, config.eval_corpus,
                                             config.device, config.storage_options, target_hook=target_hook)
     summaries = []
+    # A sharded job's dictionary is summarised by its export (it was never whole in training form).
+    dictionaries = [dictionary if isinstance(dictionary, torch.nn.Module) else loaded
+                    for dictionary, loaded in zip(dictionaries, exported, strict=True)]
     for plan, dictionary, density, evaluation in zip(plans, dictionaries, densities, evaluations, strict=True):
         fs, folder = storage.url_to_fs(plan.folder, config.storage_options)
         storage.write_json(fs, storage.join(folder, "feature_density.json"), density.tolist())

@@ -12,6 +12,8 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +22,7 @@ from lexica.errors import ConfigError
 from lexica.progress import Progress
 from lexica.train.metrics import MetricsLog
 from lexica.train.plan import TrainingPlan, new_dictionary
-from lexica.train.shard import SLICED
+from lexica.train.shard import Shard
 from lexica.train.worker import train_worker
 
 STATE_FILE = "state.pt"
@@ -139,22 +141,35 @@ def run_ray_training(plans: list[TrainingPlan], folder_url: str) -> list[torch.n
         result = trainer.fit()
     if result.error:
         raise result.error
+    if config.shards > 1:  # left in the checkpoint: the export reads one shard at a time
+        return [ShardedDictionary(plan, result.checkpoint, [os.path.relpath(state_path("", plans, index, shard))
+                                                            for shard in range(config.shards)])
+                for index, plan in enumerate(plans)]
     dictionaries = []
     with result.checkpoint.as_directory() as checkpoint_folder:
         for index, plan in enumerate(plans):
+            state = torch.load(state_path(checkpoint_folder, plans, index), map_location="cpu", weights_only=True)
             dictionary = new_dictionary(plan, "cpu")
-            dictionary.load_state_dict(joined_state(
-                [state_path(checkpoint_folder, plans, index, shard) for shard in range(config.shards)]))
+            dictionary.load_state_dict(state["dictionary"])
             dictionaries.append(dictionary)
     return dictionaries
 
 
-def joined_state(paths: list[str]) -> dict[str, torch.Tensor]:
-    """The whole dictionary's weights from its shards' state files, in shard order (each read
-    memory-mapped: only the joined tensors take memory)."""
-    states = [torch.load(path, map_location="cpu", weights_only=True, mmap=True)["dictionary"] for path in paths]
-    return {name: torch.cat([state[name] for state in states], dim=SLICED[name]) if name in SLICED else tensor
-            for name, tensor in states[0].items()}
+@dataclass
+class ShardedDictionary:
+    """A sharded job's trained dictionary, still in its final checkpoint: one state file per shard."""
+
+    plan: TrainingPlan
+    checkpoint: object  # ray.train.Checkpoint
+    paths: list[str]  # in shard order, relative to the checkpoint's folder
+
+    def shards(self, folder: str) -> Iterator[torch.nn.Module]:
+        """Each shard's dictionary in turn (its state file read memory-mapped, weights only)."""
+        for index, path in enumerate(self.paths):
+            dictionary = new_dictionary(self.plan, "cpu", Shard(index, len(self.paths), self.plan.d_sae))
+            state = torch.load(os.path.join(folder, path), map_location="cpu", weights_only=True, mmap=True)
+            dictionary.load_state_dict(state["dictionary"])
+            yield dictionary
 
 
 class MetricsWatcher:
