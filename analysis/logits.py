@@ -8,6 +8,7 @@ Directions are unit-normed first, so values compare across features.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -81,14 +82,17 @@ def logit_effects(W_dec: torch.Tensor, readout: Readout, tokenizer, top: int = 1
             promoted_values.append(high.values.cpu())
             suppressed_ids.append(low.indices.cpu())
             suppressed_values.append(low.values.cpu())
-    columns = {"feature": pa.array(range(W_dec.shape[0]), pa.int32())}
+    # Flat Arrow arrays, strings taken from the distinct tokens' own: no per-feature Python objects,
+    # whatever the width.
+    columns = {"feature": pa.array(np.arange(W_dec.shape[0], dtype=np.int32))}
+    offsets = pa.array(np.arange(W_dec.shape[0] + 1, dtype=np.int32) * top)
     for side, ids, values in (("promoted", promoted_ids, promoted_values),
                               ("suppressed", suppressed_ids, suppressed_values)):
-        id_matrix = torch.cat(ids).numpy().astype("int32")
-        value_matrix = torch.cat(values).numpy().astype("float32")
-        strings = token_strings(tokenizer, id_matrix.ravel())
-        columns[f"{side}_ids"] = pa.array(list(id_matrix), pa.list_(pa.int32()))
-        columns[f"{side}_tokens"] = pa.array([strings[row * top:(row + 1) * top] for row in range(len(id_matrix))],
-                                             pa.list_(pa.string()))
-        columns[f"{side}_values"] = pa.array(list(value_matrix), pa.list_(pa.float32()))
+        flat_ids = torch.cat(ids).numpy().astype("int32").ravel()
+        distinct, positions = np.unique(flat_ids, return_inverse=True)
+        strings = pa.array(token_strings(tokenizer, distinct), pa.string()).take(pa.array(positions.astype(np.int32)))
+        columns[f"{side}_ids"] = pa.ListArray.from_arrays(offsets, pa.array(flat_ids))
+        columns[f"{side}_tokens"] = pa.ListArray.from_arrays(offsets, strings)
+        columns[f"{side}_values"] = pa.ListArray.from_arrays(offsets, pa.array(torch.cat(values).numpy().ravel()
+                                                                               .astype("float32")))
     return pa.table(columns)

@@ -182,3 +182,24 @@ def test_killed_sharded_job_resumes_to_the_same_weights(ray_cluster, store_url, 
     resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=40))
     for name, tensor in reference["dictionary"].state_dict().items():  # the exports
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def dense(code, d_sae: int) -> torch.Tensor:
+    matrix = torch.zeros(len(code.values), d_sae)
+    return matrix.scatter_add_(1, code.indices, code.values)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_inference_encodes_in_row_chunks_within_the_budget(architecture):
+    torch.manual_seed(0)
+    dictionary = build(architecture, d_in=D_IN, d_sae=D_SAE, k=K, seed=3)
+    dictionary.initialise_from(data(-1))
+    if architecture == "batchtopk":
+        dictionary.threshold.fill_(0.5)
+    x = data(0)
+    whole_code = dictionary.encode(x)
+    dictionary.encoder_budget = 4 * D_SAE * 10  # 10 rows at a time
+    chunked = dictionary.encode(x)
+    # The same codes, to the last bits a matmul of fewer rows may round differently.
+    torch.testing.assert_close(dense(chunked, D_SAE), dense(whole_code, D_SAE))
+    torch.testing.assert_close(dictionary.decode(chunked), dictionary.decode(whole_code))

@@ -56,6 +56,9 @@ class TrainConfig:
                           "data-parallel copies)")
     encoder_budget_mb: int = knob(1024, "the largest dense [batch, latents] pre-activation tensor a worker holds at "
                                         "once (MiB); beyond it the encoder runs over row chunks")
+    precision: str = knob("fp32", "fp32, or bf16-mixed: the dense encoder product (and ReLU's early dense decoder "
+                                  "product) in bfloat16 from fp32 master weights; for GPUs (CPUs without bfloat16 "
+                                  "units run it slower)")
     checkpoint_every: int = knob(200, "steps between checkpoints (Ray Train); a re-run resumes from the newest")
     cpus_per_worker: float | None = knob(None, "CPUs reserved per training worker, and its torch threads: default the "
                                                "cluster's CPUs shared among the workers")
@@ -99,6 +102,8 @@ class TrainConfig:
         if lanes % workers or self.batch_size % lanes:
             raise ConfigError(f"data_lanes = {lanes} must be a multiple of workers ({workers}) and divide batch_size "
                               f"({self.batch_size})")
+        if self.precision not in ("fp32", "bf16-mixed"):
+            raise ConfigError(f"precision {self.precision!r} is unknown; expected fp32 or bf16-mixed")
         if self.shards < 1 or self.encoder_budget_mb < 1:
             raise ConfigError(f"shards = {self.shards} and encoder_budget_mb = {self.encoder_budget_mb} must be >= 1")
         if self.shards > 1:

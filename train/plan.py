@@ -166,4 +166,5 @@ def new_dictionary(plan: TrainingPlan, device, shard=None) -> torch.nn.Module:
                        aux_coefficient=config.aux_coefficient, seed=config.seed, options=config.extra,
                        d_out=plan.d_out, skip=config.skip, shard=shard)
     dictionary.encoder_budget = config.encoder_budget_mb << 20
+    dictionary.compute_dtype = torch.bfloat16 if config.precision == "bf16-mixed" else torch.float32
     return dictionary.to(device)

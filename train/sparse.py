@@ -174,7 +174,9 @@ def native_decode_backward(grad_output: torch.Tensor, W_dec: torch.Tensor, value
 def select_with_sparse_grad(centered_x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                             b_dec: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
     """``values`` ([B, k] or flat, in the pattern's pair order) with encoder gradients attached."""
-    flat = _SelectWithSparseGrad.apply(centered_x, W_enc, b_enc, b_dec, values.reshape(-1), pattern)
+    # Values chosen from lower-precision pre-activations (bf16-mixed) carry on in the input's dtype.
+    flat = _SelectWithSparseGrad.apply(centered_x, W_enc, b_enc, b_dec, values.reshape(-1).to(centered_x.dtype),
+                                       pattern)
     return flat.view(values.shape)
 
 

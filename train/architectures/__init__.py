@@ -4,7 +4,8 @@ Every architecture is an ``nn.Module`` with parameters ``W_enc [d_in, d_sae]``, 
 ``W_dec [d_sae, d_in]``, ``b_dec`` and implements:
 
 - ``initialise_from(batch)``: data-dependent initialisation from the first batch (b_dec at the mean);
-- ``encode(x) -> SparseCode``: inference codes as (values, indices) of the active latents;
+- ``encode_rows(x) -> SparseCode``: inference codes as (values, indices) of the active latents
+  (``encode(x)``, from ``parts.Endpoints``, calls it over row chunks within the memory budget);
 - ``decode(code) -> Tensor``: reconstruction;
 - ``reconstruct(x) -> Tensor``: the output for input x (a skip-transcoder adds its linear path);
 - ``training_loss(x, dead_mask, variance) -> TrainOutput``: the loss to minimise and its terms

@@ -113,7 +113,7 @@ class BatchTopK(TopK):
         else:
             self.threshold.mul_(THRESHOLD_MOMENTUM).add_((1 - THRESHOLD_MOMENTUM) * smallest)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode_rows(self, x: torch.Tensor) -> SparseCode:
         """Per-token codes without a batch: every latent above the learned threshold."""
         return threshold_code(self.pre_activations(x - self.input_offset), self.threshold.clamp_min(0))
 

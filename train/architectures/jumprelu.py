@@ -76,14 +76,14 @@ class JumpReLU(Endpoints):
         columns = max(1, self.encoder_budget // (4 * len(x)))
         for start in range(0, self.d_sae, columns):
             latents = slice(start, start + columns)
-            pre_activations = torch.addmm(self.b_enc[latents], centered, self.W_enc[:, latents])
+            pre_activations = self.encoder_product(centered, latents)
             self.threshold[latents] = pre_activations.kthvalue(rank, dim=0).values.clamp_min(1e-3)
 
     def pre_activations(self, centered: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.addmm(self.b_enc, centered, self.W_enc)
+            return self.encoder_product(centered)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode_rows(self, x: torch.Tensor) -> SparseCode:
         return threshold_code(self.pre_activations(x - self.input_offset), self.threshold)
 
     def decode(self, code: SparseCode) -> torch.Tensor:

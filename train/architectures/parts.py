@@ -58,6 +58,24 @@ class Endpoints(nn.Module):
         return self.with_skip(self.summed(sparse_decode(values, self.W_dec, pattern)) + self.b_dec - y, x)
 
     encoder_budget = 1 << 30  # bytes of dense [rows, d_sae] pre-activations a step may hold (train.encoder_budget_mb)
+    compute_dtype = torch.float32  # train.precision bf16-mixed: dense products in bfloat16, fp32 master weights
+
+    def encoder_product(self, centered: torch.Tensor, latents: slice | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """b_enc + centered·W_enc (of ``latents``' columns only, when given) in the compute dtype:
+        the dense encoder matmul, the step's one dense product. Differentiable; under bf16-mixed
+        its operands are bfloat16 copies of the fp32 weights and its result is bfloat16."""
+        bias, weight = (self.b_enc, self.W_enc) if latents is None else (self.b_enc[latents], self.W_enc[:, latents])
+        compute = self.compute_dtype
+        if compute != centered.dtype and centered.dtype == torch.float32:
+            bias, centered, weight = bias.to(compute), centered.to(compute), weight.to(compute)
+        return torch.addmm(bias, centered, weight) if out is None else torch.addmm(bias, centered, weight, out=out)
+
+    def decoder_product(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes·W_dec for dense codes (ReLU's early steps) in the compute dtype, returned in fp32."""
+        if codes.dtype == self.W_dec.dtype:
+            return codes @ self.W_dec
+        return (codes @ self.W_dec.to(codes.dtype)).float()
 
     def over_budget(self, rows: int) -> bool:
         return rows * self.d_sae * 4 > self.encoder_budget
@@ -83,6 +101,15 @@ class Endpoints(nn.Module):
     def with_skip(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``output`` plus the skip path's x·W_skipᵀ (nothing without one)."""
         return output if self.W_skip is None else output + torch.nn.functional.linear(x, self.W_skip)
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Inference codes of ``x`` (``encode_rows``, each architecture's own), over row chunks
+        within the memory budget: a wide dictionary never holds [rows, d_sae] pre-activations
+        larger than ``encoder_budget``."""
+        step = self.chunk_rows(len(x))
+        if step >= len(x):
+            return self.encode_rows(x)
+        return joined_codes([self.encode_rows(x[start:start + step]) for start in range(0, len(x), step)])
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The dictionary's output for input ``x``: decode(encode(x)), plus the skip path."""
@@ -197,6 +224,14 @@ def padded_code(rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor,
     return SparseCode(padded_values, padded_latents)
 
 
+def joined_codes(codes: list[SparseCode]) -> SparseCode:
+    """Row chunks' codes as one, each padded with zero values (latent 0) to the widest."""
+    width = max(code.values.shape[1] for code in codes)
+    values = [torch.nn.functional.pad(code.values, (0, width - code.values.shape[1])) for code in codes]
+    indices = [torch.nn.functional.pad(code.indices, (0, width - code.indices.shape[1])) for code in codes]
+    return SparseCode(torch.cat(values), torch.cat(indices))
+
+
 def linear_warmup(step: int, total_steps: int, fraction: float) -> float:
     """0 → 1 over the first ``fraction`` of training (sparsity-coefficient warm-up)."""
     ramp = total_steps * fraction
@@ -212,7 +247,7 @@ def active_pairs(dictionary: Endpoints, centered: torch.Tensor, threshold: torch
     found = []
     step = dictionary.chunk_rows(len(centered))
     for start in range(0, len(centered), step):
-        pre_activations = torch.addmm(dictionary.b_enc, centered[start:start + step], dictionary.W_enc)
+        pre_activations = dictionary.encoder_product(centered[start:start + step])
         above = pre_activations > threshold
         close = (pre_activations - threshold).abs() < near if near else above
         rows, latents = (above | close).nonzero(as_tuple=True) if near else above.nonzero(as_tuple=True)

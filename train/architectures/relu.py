@@ -56,7 +56,7 @@ class ReLU(Endpoints):
     def initialise_from(self, batch: torch.Tensor) -> None:
         self.initialise_offsets(batch)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode_rows(self, x: torch.Tensor) -> SparseCode:
         with torch.no_grad():
             return threshold_code(torch.addmm(self.b_enc, x - self.input_offset, self.W_enc), 0.0)
 
@@ -77,12 +77,12 @@ class ReLU(Endpoints):
             code = padded_code(rows, latents, values.detach(), len(x))
             fired = torch.bincount(latents, minlength=self.d_sae)
         else:
-            codes = torch.relu(torch.addmm(self.b_enc, x - self.encoder_offset, self.W_enc))
-            if self.shard.sharded:
-                error = self.with_skip(self.summed(codes @ self.W_dec) + self.b_dec - y, x)
+            codes = torch.relu(self.encoder_product(x - self.encoder_offset))
+            if self.shard.sharded or codes.dtype != self.W_dec.dtype:
+                error = self.with_skip(self.summed(self.decoder_product(codes)) + self.b_dec - y, x)
             else:
                 error = self.with_skip(torch.addmm(self.b_dec, codes, self.W_dec).sub_(y), x)
-            l1 = self.summed((codes * decoder_norms).sum()) / len(x)
+            l1 = self.summed((codes.float() * decoder_norms).sum()) / len(x)
             code = None  # materialising a padded code of a dense batch would cost more than the step
             fired = (codes.detach() > 0).sum(0)
         # The next step takes the sparse path once this one was sparse enough.

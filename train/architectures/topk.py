@@ -58,14 +58,15 @@ class TopK(Endpoints):
         in page faults on newly mapped memory."""
         with torch.no_grad():
             if not reuse:
-                return torch.addmm(self.b_enc, centered, self.W_enc)
+                return self.encoder_product(centered)
+            dtype = self.compute_dtype if centered.dtype == torch.float32 else centered.dtype
             buffer = getattr(self, "_pre_activation_buffer", None)
             if buffer is None or len(buffer) < len(centered) or buffer.shape[1] != self.d_sae \
-                    or buffer.dtype != centered.dtype or buffer.device != centered.device:
-                buffer = self._pre_activation_buffer = torch.empty((len(centered), self.d_sae), dtype=centered.dtype,
+                    or buffer.dtype != dtype or buffer.device != centered.device:
+                buffer = self._pre_activation_buffer = torch.empty((len(centered), self.d_sae), dtype=dtype,
                                                                    device=centered.device)
             # The first rows of a contiguous buffer: a row chunk of any size reuses the same memory.
-            return torch.addmm(self.b_enc, centered, self.W_enc, out=buffer[:len(centered)])
+            return self.encoder_product(centered, out=buffer[:len(centered)])
 
     def _select(self, centered: torch.Tensor, k: int, mask: torch.Tensor | None = None,
                 pre_activations: torch.Tensor | None = None):
@@ -76,7 +77,7 @@ class TopK(Endpoints):
             pre_activations.masked_fill_(~mask, float("-inf"))
         return topk_rows(pre_activations, k)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode_rows(self, x: torch.Tensor) -> SparseCode:
         values, indices = self._select(x - self.input_offset, self.k)
         return SparseCode(values.relu(), indices)
 
