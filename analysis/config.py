@@ -30,7 +30,8 @@ class AnalysisConfig:
     window_before: int = knob(16, "context tokens before the activating token")
     window_after: int = knob(8, "context tokens after the activating token")
     logit_tokens: int = knob(10, "promoted and suppressed output tokens kept per feature")
-    neighbours: int = knob(10, "nearest features by decoder cosine kept per feature")
+    neighbours: int = knob(10, "nearest features by decoder cosine kept per feature (0: no neighbour search; the "
+                               "map needs it)")
     exact_neighbours_up_to: int = knob(32768, "exact neighbour search up to this many features, approximate beyond")
     map: bool = knob(True, "compute the 2-D UMAP map and clusters")
     clusters: int | None = knob(None, "k-means clusters of decoder directions (default sqrt(features / 2))")
@@ -66,7 +67,8 @@ class AnalysisConfig:
             (self.window_before >= 0, "window_before", ">= 0"),
             (self.window_after >= 0, "window_after", ">= 0"),
             (self.logit_tokens >= 1, "logit_tokens", ">= 1"),
-            (self.neighbours >= 1, "neighbours", ">= 1"),
+            (self.neighbours >= 1 or (self.neighbours == 0 and not self.map), "neighbours",
+             ">= 1 (0 skips the neighbour search, with map: false)"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", ">= 1 or null"),
             (self.clusters is None or self.clusters >= 1, "clusters", ">= 1 or null"),
         ]

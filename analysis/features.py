@@ -65,13 +65,15 @@ def build_atlas(config: AnalysisConfig) -> dict:
     atlas.write_table(folder, "logits", logits, config.storage_options)
     readout = None  # the unembedding is the largest tensor here; free it before the map
 
-    directions = geometry.unit_directions(module.W_dec.detach().cpu())
-    wanted = max(config.neighbours, UMAP_NEIGHBOURS - 1) if config.map else config.neighbours
-    neighbours, cosines, exact = timed("neighbours", lambda: geometry.find_neighbours(
-        directions, wanted, config.exact_neighbours_up_to))
-    recall = 1.0 if exact else geometry.estimated_recall(directions, neighbours[:, :config.neighbours])
-    atlas.write_table(folder, "neighbours", geometry.neighbour_table(neighbours, cosines, config.neighbours),
-                      config.storage_options)
+    exact, recall = None, None
+    if config.neighbours or config.map:
+        directions = geometry.unit_directions(module.W_dec.detach().cpu())
+        wanted = max(config.neighbours, UMAP_NEIGHBOURS - 1) if config.map else config.neighbours
+        neighbours, cosines, exact = timed("neighbours", lambda: geometry.find_neighbours(
+            directions, wanted, config.exact_neighbours_up_to))
+        recall = 1.0 if exact else round(geometry.estimated_recall(directions, neighbours[:, :config.neighbours]), 4)
+        atlas.write_table(folder, "neighbours", geometry.neighbour_table(neighbours, cosines, config.neighbours),
+                          config.storage_options)
     if config.map:
         layout = timed("map", lambda: geometry.map_table(directions, config.clusters, known=(neighbours, cosines)))
         atlas.write_table(folder, "map", layout, config.storage_options)
@@ -84,7 +86,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
         # hook's store, logit effects and neighbours from its decoder (the target's space).
         "target_hook": dictionary.target_hook,
         "model": model.path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
-        "neighbours_exact": exact, "neighbours_recall": round(recall, 4),
+        "neighbours_exact": exact, "neighbours_recall": recall,
         "dead_features": int((features.column("fires").to_numpy() == 0).sum()),
         "config": {**dataclasses.asdict(config), "storage_options": None}, "timings": timings,
         "created_at": time.time(),

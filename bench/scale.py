@@ -66,11 +66,13 @@ def matmul_seconds(rows: int, width: int, trials: int = 3) -> float:
 def _worker(rank: int, world: int, port: int, width: int, batch: int, steps: int, threads: int, budget_mb: int,
             out: str):
     from lexica.train.architectures import build
+    from lexica.train.memory import retain_freed_memory
     from lexica.train.optimizers import new_optimizer
     from lexica.train.shard import new_shard
     from lexica.train.step import train_step
 
     torch.set_num_threads(threads)
+    retain_freed_memory()  # as train_worker does
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -86,6 +88,10 @@ def _worker(rank: int, world: int, port: int, width: int, batch: int, steps: int
         started = time.perf_counter()
         for step in range(steps):
             output = train_step(dictionary, optimizer, data[step % len(data)], None, variance=1.0)
+            if rank == 0 and steps >= 20 and (step + 1) % 10 == 0:  # long runs show that they move
+                elapsed = time.perf_counter() - started
+                print(f"  [{world} worker(s), {width:,} latents] step {step + 1}/{steps}, "
+                      f"{elapsed / (step + 1):.2f} s/step", file=sys.stderr, flush=True)
         if world > 1:
             dist.barrier()
         seconds = time.perf_counter() - started

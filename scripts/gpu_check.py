@@ -1,4 +1,4 @@
-"""The GPU check: Lexica's in-process harvest on one accelerator, against a plain forward loop.
+"""The GPU check: Lexica's in-process harvest and training step on one accelerator.
 
 Runs where only PyTorch, transformers, tokenizers, pyarrow and safetensors are installed (no Ray,
 no datasets, no network): models are built from `transformers` configs with random weights (the
@@ -7,9 +7,11 @@ spot and the corpus is generated. For each model it prints, as a markdown table:
 tokens/s (bf16 model, fp16 store, several hooks in one pass, `actors: 0`), a plain loop that
 stops after the deepest hook on the same windows, the ratio, and the harvest's share of the
 forward's FLOP ceiling (2 x parameters up to the deepest hook + attention, per token, against a
-bf16 matmul measured on the same device).
+bf16 matmul measured on the same device). A second table: TopK training (Lexica's own step and
+fused Adam) at several widths in fp32 and bf16-mixed (``train.precision``), vectors/s and the share
+of the encoder matmul's own rate in the same precision ([batch, d_model] x [d_model, latents]).
 
-    python scripts/gpu_check.py                 # on a GPU machine, about 3 minutes
+    python scripts/gpu_check.py                 # on a GPU machine, about 4 minutes
     python scripts/gpu_check.py --quick --device cpu   # a smoke run anywhere (the tests run it)
 """
 
@@ -41,6 +43,9 @@ WORDS = ("the model reads every token of a long document and its layers write fe
 SHAPES = {"smollm2-135m": (576, 30, 9, 3, 1536, "resid_post.5,resid_post.10,resid_post.15,mlp_out.15"),
           "llama-1b": (2048, 16, 32, 8, 8192, "resid_post.3,resid_post.7,mlp_in.11,mlp_out.11")}
 QUICK = {"tiny": (64, 4, 4, 2, 128, "resid_post.1,mlp_in.2,mlp_out.2")}
+# (d_model, latents) of the training table: the demo's width at 2^14 and 2^20 latents, a 1B model's.
+TRAIN_SHAPES = [(576, 2**14), (576, 2**20), (2048, 2**14), (2048, 2**18)]
+QUICK_TRAIN = [(64, 1024)]
 
 
 def build_tokenizer(folder: Path):
@@ -111,6 +116,116 @@ def matmul_ceiling(device: str) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - started)
 
 
+def encoder_seconds(device: str, batch: int, d_model: int, latents: int, dtype: torch.dtype) -> float:
+    """Best time of the encoder matmul alone, [batch, d_model] x [d_model, latents], in ``dtype``."""
+    x = torch.randn(batch, d_model, device=device, dtype=dtype)
+    weight = torch.randn(d_model, latents, device=device, dtype=dtype)
+    x @ weight
+    best = float("inf")
+    for _ in range(5):
+        synchronize(device)
+        started = time.perf_counter()
+        x @ weight
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def training_row(device: str, d_model: int, latents: int, precision: str, batch: int, steps: int) -> str:
+    """One TopK (k 32) training configuration: vectors/s and share of its encoder matmul's rate."""
+    from lexica.train.architectures import build
+    from lexica.train.optimizers import new_optimizer
+    from lexica.train.step import train_step
+
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    torch.manual_seed(0)
+    dictionary = build("topk", d_in=d_model, d_sae=latents, k=32, seed=0).to(device)
+    dictionary.compute_dtype = dtype
+    # On a GPU the dense pre-activations of a whole batch fit: one chunk up to 8 GiB.
+    dictionary.encoder_budget = (8 << 30) if device.startswith("cuda") else (1 << 30)
+    data = [torch.randn(batch, d_model, device=device) + 0.5 for _ in range(4)]
+    dictionary.initialise_from(data[0])
+    optimizer = new_optimizer(dictionary, 1e-4)
+    for step in range(2):  # warm-up: allocations, kernels, autotuning
+        train_step(dictionary, optimizer, data[step], None, variance=1.0)
+    synchronize(device)
+    started = time.perf_counter()
+    for step in range(steps):
+        output = train_step(dictionary, optimizer, data[step % len(data)], None, variance=1.0)
+    synchronize(device)
+    rate = steps * batch / (time.perf_counter() - started)
+    ceiling = batch / encoder_seconds(device, batch, d_model, latents, dtype)
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.startswith("cuda") else "-"
+    return (f"| topk | {d_model} | {latents:,} | {precision} | {batch:,} | {rate:,.0f} | {ceiling:,.0f} | "
+            f"{rate / ceiling:.0%} | {float(output.terms['fvu']):.3f} | {memory} |")
+
+
+def relative(mine: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((mine.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
+
+
+def parity_rows(folder: Path, device: str) -> list[str]:
+    """The tiny model on ``device`` against the CPU, each path Lexica runs there: harvest (bf16
+    model, fp16 store), one TopK step, the statistics pass, one steered generation (fp32 model,
+    greedy). Each row: what is compared and the difference."""
+    import copy
+
+    from lexica.analysis.config import AnalysisConfig
+    from lexica.analysis.stats import parts_to_read, statistics_of_parts
+    from lexica.analysis.steering import steer
+    from lexica.models import load_causal_lm
+    from lexica.train.architectures import build
+    from lexica.train.optimizers import new_optimizer
+    from lexica.train.step import train_step
+
+    model_folder = folder / "model"
+    tokenizer = build_tokenizer(model_folder)
+    build_model(model_folder, QUICK["tiny"])
+    write_corpus(folder / "corpus.jsonl", 12, 200)
+    stores = {}  # by device (a CPU-only check compares the CPU with itself)
+    for index, where in enumerate(("cpu", device)):
+        config = HarvestConfig(run=str(folder / f"run-{index}"), hook="resid_post.1",
+                               context_length=64, batch_tokens=1024, store_dtype="float16",
+                               model=ModelConfig(path=str(model_folder), dtype="bfloat16", device=where),
+                               corpus=CorpusConfig(paths=[str(folder / "corpus.jsonl")]),
+                               workers=WorkersConfig(actors=0)).validate()
+        stores[where] = ActivationStore(run_harvest(config).store_url)
+    rows = [next(stores[where].iter_batches(4096)).activation.float() for where in ("cpu", device)]
+    lines = [f"| harvest resid_post.1 (bf16 model, fp16 store), {len(rows[0]):,} rows | activations | "
+             f"{relative(rows[1], rows[0]):.1e} |"]
+    torch.manual_seed(0)
+    reference = build("topk", d_in=rows[0].shape[1], d_sae=256, k=8, seed=0)
+    reference.initialise_from(rows[0])
+    stepped = {}
+    for where in ("cpu", device):
+        dictionary = copy.deepcopy(reference).to(where)
+        optimizer = new_optimizer(dictionary, 1e-3)
+        output = train_step(dictionary, optimizer, rows[0].to(where), None, variance=float(rows[0].var(0).sum()))
+        stepped[where] = (float(output.loss.detach()), dictionary.W_enc.detach().cpu(), dictionary)
+    lines.append(f"| one TopK step (256 latents, fp32) | loss; W_enc after the step | "
+                 f"{abs(stepped[device][0] - stepped['cpu'][0]) / abs(stepped['cpu'][0]):.1e}; "
+                 f"{relative(stepped[device][1], stepped['cpu'][1]):.1e} |")
+    statistics = {}
+    for where in ("cpu", device):
+        settings = AnalysisConfig(device=where, top_examples=5, samples=8)
+        statistics[where] = statistics_of_parts(stores["cpu"], copy.deepcopy(reference), parts_to_read(
+            stores["cpu"], None), settings).result()
+    agree = float((statistics[device].fires == statistics["cpu"].fires).mean())
+    maxima = [torch.tensor(statistics[where].max_activation) for where in (device, "cpu")]
+    lines.append(f"| statistics pass, {int(statistics['cpu'].fires.sum()) // 8:,} tokens | features with equal fire "
+                 f"counts; max activations | {agree:.1%}; {relative(*maxima):.1e} |")
+    generated = {}
+    for where in ("cpu", device):
+        model = load_causal_lm(ModelConfig(path=str(model_folder), dtype="float32", device=where))
+        result = steer(model, tokenizer, copy.deepcopy(reference), "resid_post.1", {0: 8.0},
+                       "the model reads every token", max_new_tokens=16)
+        generated[where] = result.steered_ids
+    lines.append(f"| steered generation (feature 0 at 8, 16 greedy tokens, fp32 model) | tokens equal | "
+                 f"{sum(a == b for a, b in zip(generated[device], generated['cpu'], strict=False))}/"
+                 f"{len(generated['cpu'])} |")
+    return lines
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -157,6 +272,27 @@ def main() -> None:
                   f"{steady / plain:.2f} | {share:.1%} |", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n| {args.device} against the CPU, tiny model | compared | difference |\n|---|---|---|")
+    folder = Path(tempfile.mkdtemp(prefix="lexica-parity-"))
+    try:
+        for line in parity_rows(folder, args.device):
+            print(line, flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    batch, steps = (256, 3) if args.quick else (4096, 10)
+    print("\n| architecture | d_model | latents | precision | batch | vectors/s | encoder matmul alone, vectors/s | "
+          "share | batch FVU | peak GPU memory (GiB) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for d_model, latents in QUICK_TRAIN if args.quick else TRAIN_SHAPES:
+        for precision in ("fp32", "bf16-mixed"):
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                print(training_row(args.device, d_model, latents, precision, batch, steps), flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| topk | {d_model} | {latents:,} | {precision} | {batch:,} | out of memory | | | | |",
+                      flush=True)
 
 
 if __name__ == "__main__":

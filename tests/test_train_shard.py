@@ -203,3 +203,16 @@ def test_inference_encodes_in_row_chunks_within_the_budget(architecture):
     # The same codes, to the last bits a matmul of fewer rows may round differently.
     torch.testing.assert_close(dense(chunked, D_SAE), dense(whole_code, D_SAE))
     torch.testing.assert_close(dictionary.decode(chunked), dictionary.decode(whole_code))
+
+
+def test_a_sharded_sweep_exports_what_an_unsharded_one_does(ray_cluster, store_url, tmp_path):
+    sweep = [{"k": 4}, {"architecture": "batchtopk", "k": 8}]
+    one = fit(dataclasses.replace(config_for(str(tmp_path / "one"), store_url, workers=1, data_lanes=2), sweep=sweep))
+    two = fit(dataclasses.replace(sharded_config(str(tmp_path / "two"), store_url), sweep=sweep))
+    assert [summary["name"] for summary in one["dictionaries"]] == [summary["name"] for summary in two["dictionaries"]]
+    for whole_summary, sharded_summary in zip(one["dictionaries"], two["dictionaries"], strict=True):
+        exported = [load_file(os.path.join(summary["folder"], "final", "sae_weights.safetensors"))
+                    for summary in (whole_summary, sharded_summary)]
+        for name, tensor in exported[0].items():
+            torch.testing.assert_close(exported[1][name], tensor, rtol=1e-4, atol=1e-5,
+                                       msg=f"{whole_summary['name']}: {name}")

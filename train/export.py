@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load, load_file, save
 
 from lexica import storage
 from lexica.errors import LexicaError
@@ -200,12 +200,15 @@ def load_dictionary(folder_url: str, storage_options: dict | None = None) -> tor
     fs, folder = storage.url_to_fs(folder_url, storage_options)
     config = storage.read_json(fs, storage.join(folder, "cfg.json"))
     weights_url = storage.join(folder_url, "sae_weights.safetensors")
-    with fs.open(storage.join(folder, "sae_weights.safetensors"), "rb") as handle:
-        data = handle.read()
+    path = storage.join(folder, "sae_weights.safetensors")
     try:
-        weights = load(data)
+        if storage.is_local(fs):
+            weights = load_file(path)  # memory-mapped: a wide dictionary is not held twice while loading
+        else:
+            with fs.open(path, "rb") as handle:
+                weights = load(handle.read())
     except SafetensorError as error:
-        raise DictionaryError(f"{weights_url} is damaged or truncated ({len(data):,} bytes: {error}); "
+        raise DictionaryError(f"{weights_url} is damaged or truncated ({fs.size(path):,} bytes: {error}); "
                               "re-export the dictionary (re-run lexica train) or copy it again") from error
     metadata = config.get("metadata", {})
     saelens_name = config["architecture"]
