@@ -22,7 +22,6 @@ Usage: python bench/scale.py [--only step,wide] [--width 65536] [--batch 4096] [
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import resource
 import sys
@@ -34,6 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train import Sizes, matmul_gflops  # noqa: E402  (bench/train.py: the same matmul ceiling)
 
 D_MODEL, K = 576, 32
 
@@ -52,15 +54,9 @@ def batches(batch: int, count: int) -> list[torch.Tensor]:
     return [mean + torch.randn(batch, D_MODEL, generator=generator) for _ in range(count)]
 
 
-def matmul_seconds(rows: int, width: int, trials: int = 3) -> float:
-    left, right = torch.randn(rows, D_MODEL), torch.randn(D_MODEL, width)
-    left @ right
-    best = math.inf
-    for _ in range(trials):
-        started = time.perf_counter()
-        left @ right
-        best = min(best, time.perf_counter() - started)
-    return best
+def matmul_seconds(rows: int, width: int) -> float:
+    """Best time of the encoder matmul alone, [rows, 576] x [576, width], with this process's threads."""
+    return 2 * rows * D_MODEL * width / (matmul_gflops(Sizes(d_in=D_MODEL, d_sae=width, batch=rows), trials=3) * 1e9)
 
 
 def _worker(rank: int, world: int, port: int, width: int, batch: int, steps: int, threads: int, budget_mb: int,

@@ -41,16 +41,11 @@ def test_two_ddp_workers_give_the_same_dictionary_as_one(ray_cluster, store_url,
     assert checkpoints, "Ray Train wrote no checkpoints under <run>/dictionaries/<name>/checkpoints"
 
 
-def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url, tmp_path):
-    tokens = 80_000  # 156 steps: long enough to kill part-way
-    reference = fit(config_for(str(tmp_path / "reference"), store_url, workers=1, tokens=tokens, checkpoint_every=40))
-    run = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
-               "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--set", "buffer_rows=4096",
-               "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1", "--set", "eval_tokens=0"]
+def kill_once_written(command: list[str], pattern: str) -> None:
+    """Run ``command`` (a training job with its own Ray) and SIGKILL its whole process group as
+    soon as a file matching ``pattern`` exists (its first checkpoint)."""
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "RAY_ADDRESS": ""})
-    pattern = os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "state.pt")
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and process.poll() is None and not glob.glob(pattern):
@@ -59,6 +54,16 @@ def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url,
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver, its Ray and the workers, at once
         process.wait()
+
+
+def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url, tmp_path):
+    tokens = 80_000  # 156 steps: long enough to kill part-way
+    reference = fit(config_for(str(tmp_path / "reference"), store_url, workers=1, tokens=tokens, checkpoint_every=40))
+    run = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
+               "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--set", "buffer_rows=4096",
+               "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1", "--set", "eval_tokens=0"]
+    kill_once_written(command, os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "state.pt"))
     resumed = fit(config_for(run, store_url, workers=1, tokens=tokens, checkpoint_every=40))
     for name, tensor in reference["dictionary"].state_dict().items():
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

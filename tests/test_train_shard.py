@@ -8,10 +8,7 @@ import dataclasses
 import glob
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 from safetensors.torch import load_file
-from test_train_ray import config_for
+from test_train_ray import config_for, kill_once_written
 from test_train_topk import ground_truth, synthetic, write_synthetic_store
 
 from lexica.errors import ConfigError
@@ -168,17 +165,7 @@ def test_killed_sharded_job_resumes_to_the_same_weights(ray_cluster, store_url, 
                "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--workers", "2", "--shards", "2",
                "--cpus-per-worker", "1", "--set", "buffer_rows=4096", "--set", "log_every=5",
                "--set", "checkpoint_every=40", "--set", "eval_tokens=0"]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "RAY_ADDRESS": ""})
-    pattern = os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "shard-1-of-2.pt")
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None and not glob.glob(pattern):
-            time.sleep(0.1)
-        assert process.poll() is None, "training finished before it was killed: " + process.stderr.read().decode()
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver, its Ray and the workers, at once
-        process.wait()
+    kill_once_written(command, os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "shard-1-of-2.pt"))
     resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=40))
     for name, tensor in reference["dictionary"].state_dict().items():  # the exports
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

@@ -10,7 +10,6 @@ import torch
 from lexica.train.architectures import SparseCode, TrainOutput, register
 from lexica.train.architectures.parts import padded_code, threshold_code
 from lexica.train.architectures.topk import TopK, TopKOptions
-from lexica.train.selection import topk_rows
 from lexica.train.shard import Shard, batch_threshold, total
 from lexica.train.sparse import select_with_sparse_grad, sparse_pattern
 
@@ -55,28 +54,15 @@ class BatchTopK(TopK):
         """The batch's top batch·k pre-activations over all shards, this shard's part of them as
         (rows, latents, values) with rows ascending, and AuxK's source; over row chunks: each chunk
         offers its own best batch·k (the batch's winners are among them)."""
-        rows, count = len(centered), len(centered) * self.k
-        aux_k = min(self.aux_k, self._dead_count(dead_mask))
-        dead_latents = dead_mask.nonzero().view(-1) if aux_k else None
-        aux_values = centered.new_full((rows, aux_k), float("-inf"))
-        aux_latents = torch.zeros(rows, aux_k, dtype=torch.long, device=centered.device)
-        local_aux = min(aux_k, len(dead_latents)) if aux_k else 0
+        count = len(centered) * self.k
         offered_values, offered_flat = [], []
-        step = self.chunk_rows(rows)
-        for start in range(0, rows, step):
-            chunk = slice(start, min(rows, start + step))
-            pre_activations = self.pre_activations(centered[chunk], reuse=True)
-            if local_aux:
-                dead = pre_activations.index_select(1, dead_latents)
-                if local_aux < len(dead_latents):
-                    dead, columns = topk_rows(dead, local_aux)
-                    aux_latents[chunk, :local_aux] = dead_latents[columns]
-                else:
-                    aux_latents[chunk, :local_aux] = dead_latents
-                aux_values[chunk, :local_aux] = dead
+
+        def offer_best(rows: slice, pre_activations: torch.Tensor) -> None:
             values, flat = pre_activations.view(-1).topk(min(count, pre_activations.numel()), sorted=False)
             offered_values.append(values)
-            offered_flat.append(flat + start * self.d_sae)
+            offered_flat.append(flat + rows.start * self.d_sae)
+
+        aux_k, aux_values, aux_latents = self._over_chunks(centered, dead_mask, offer_best)
         values, flat = torch.cat(offered_values), torch.cat(offered_flat)
         if len(values) > count:
             values, chosen = values.topk(count, sorted=False)
@@ -86,8 +72,8 @@ class BatchTopK(TopK):
             values, flat = values[kept], flat[kept]
         flat, order = flat.sort()
 
-        def dead_winners(aux_k_: int):
-            return self._winners(aux_values, aux_latents, aux_k_)
+        def dead_winners(_: int):
+            return self._winners(aux_values, aux_latents, aux_k)
         return flat // self.d_sae, flat % self.d_sae, values[order], dead_winners
 
     def training_loss(self, batch: torch.Tensor, dead_mask: torch.Tensor | None = None,

@@ -104,17 +104,17 @@ class TopK(Endpoints):
         return self.shard.sharded or self.over_budget(rows)
 
     @torch.no_grad()
-    def _chunked_candidates(self, centered: torch.Tensor, count: int, dead_latents: torch.Tensor | None,
-                            aux_count: int):
-        """Per row: this shard's ``count`` largest pre-activations with their latents, and (with
-        ``aux_count``) its largest among ``dead_latents``, padded with -inf to ``aux_count``
-        columns; computed over row chunks, so no [batch, d_sae] tensor beyond the budget exists."""
+    def _over_chunks(self, centered: torch.Tensor, dead_mask: torch.Tensor | None, each_chunk) -> tuple:
+        """Run ``each_chunk(rows, pre_activations)`` over row chunks within the memory budget, so no
+        [batch, d_sae] tensor beyond it exists, keeping on the way AuxK's candidates: per row, this
+        shard's best dead latents, padded with -inf to the whole dictionary's AuxK count. Returns
+        (that count, the candidates' values, their latents)."""
         rows = len(centered)
-        values = centered.new_empty(rows, count)
-        latents = torch.empty(rows, count, dtype=torch.long, device=centered.device)
-        aux_values = centered.new_full((rows, aux_count), float("-inf"))
-        aux_latents = torch.zeros(rows, aux_count, dtype=torch.long, device=centered.device)
-        local_aux = min(aux_count, len(dead_latents)) if dead_latents is not None else 0
+        aux_k = min(self.aux_k, self._dead_count(dead_mask))
+        dead_latents = dead_mask.nonzero().view(-1) if aux_k else None
+        aux_values = centered.new_full((rows, aux_k), float("-inf"))
+        aux_latents = torch.zeros(rows, aux_k, dtype=torch.long, device=centered.device)
+        local_aux = min(aux_k, len(dead_latents)) if aux_k else 0
         step = self.chunk_rows(rows)
         for start in range(0, rows, step):
             chunk = slice(start, min(rows, start + step))
@@ -127,8 +127,8 @@ class TopK(Endpoints):
                 else:
                     aux_latents[chunk, :local_aux] = dead_latents
                 aux_values[chunk, :local_aux] = dead
-            values[chunk], latents[chunk] = topk_rows(pre_activations, count)
-        return values, latents, aux_values, aux_latents
+            each_chunk(chunk, pre_activations)
+        return aux_k, aux_values, aux_latents
 
     def _winners(self, values: torch.Tensor, latents: torch.Tensor, k: int):
         """(rows ascending, local latents, values) of each row's ``k`` winners that this shard
@@ -145,10 +145,14 @@ class TopK(Endpoints):
         return int(total(dead_mask.sum(), self.shard))
 
     def _training_loss_in_chunks(self, x, y, centered, dead_mask, variance) -> TrainOutput:
-        aux_k = min(self.aux_k, self._dead_count(dead_mask))
-        dead_latents = dead_mask.nonzero().view(-1) if aux_k else None
-        values, latents, aux_values, aux_latents = self._chunked_candidates(centered, min(self.k, self.d_sae),
-                                                                            dead_latents, aux_k)
+        count = min(self.k, self.d_sae)  # each shard's candidates per token
+        values = centered.new_empty(len(x), count)
+        latents = torch.empty(len(x), count, dtype=torch.long, device=x.device)
+
+        def keep_best(rows: slice, pre_activations: torch.Tensor) -> None:
+            values[rows], latents[rows] = topk_rows(pre_activations, count)
+
+        aux_k, aux_values, aux_latents = self._over_chunks(centered, dead_mask, keep_best)
         rows, latents, values = self._winners(values, latents, self.k)
         pattern = sparse_pattern(rows, latents, len(x), self.d_sae)
         values = select_with_sparse_grad(centered, self.W_enc, self.b_enc, self.encoder_offset, values, pattern).relu()
