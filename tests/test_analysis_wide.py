@@ -53,3 +53,25 @@ def test_the_atlas_tables_of_a_million_feature_dictionary(tiny_models, tmp_path)
     # would be 4 GB for the encoder's pre-activations alone).
     print(f"analysis features at {WIDTH:,} latents: peak RSS {peak_gb:.2f} GB")
     assert before <= peak_gb * 2**20 and peak_gb < 6, f"peak RSS {peak_gb:.1f} GB"
+
+    # Steering and monitoring encode through the same chunked path: a feature past 2^19 and the
+    # one that fired most, clamped and watched.
+    densest = max(fired, key=lambda feature: features.column("fires")[feature].as_py())
+    last = max(fired)
+    steered = subprocess.run([sys.executable, "-m", "lexica", "steer", "--run", str(run), "--feature", str(densest),
+                              "--value", "3x", "--prompt", "the model reads", "--json", "--max-new-tokens", "6"],
+                             capture_output=True, text=True, timeout=600)
+    assert steered.returncode == 0, steered.stderr[-2000:]
+    document = json.loads(steered.stdout)
+    maximum = pq.read_table(folder / "features.parquet", columns=["max_activation"]).column(0)[densest].as_py()
+    assert document["features"][0]["feature"] == densest
+    assert document["features"][0]["activation"] == pytest.approx(3 * maximum, rel=1e-4)
+    assert len(document["steered"]["token_ids"]) == 6
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(sample_texts(3, seed=9)) + "\n")
+    watched = subprocess.run([sys.executable, "-m", "lexica", "monitor", "--run", str(run), "--watch",
+                              f"{densest},{last}", "--texts", str(texts), "--json", "--set", "threshold=0.000001"],
+                             capture_output=True, text=True, timeout=600)
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    reports = [json.loads(line) for line in watched.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 3 and any(report["flagged"] for report in reports)
