@@ -33,9 +33,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from train import Sizes, matmul_gflops  # noqa: E402  (bench/train.py: the same matmul ceiling)
 
 D_MODEL, K = 576, 32
 
@@ -55,8 +52,12 @@ def batches(batch: int, count: int) -> list[torch.Tensor]:
 
 
 def matmul_seconds(rows: int, width: int) -> float:
-    """Best time of the encoder matmul alone, [rows, 576] x [576, width], with this process's threads."""
-    return 2 * rows * D_MODEL * width / (matmul_gflops(Sizes(d_in=D_MODEL, d_sae=width, batch=rows), trials=3) * 1e9)
+    """Median time of the encoder matmul alone, [rows, 576] x [576, width], with this process's threads."""
+    from torch.utils.benchmark import Timer
+
+    inputs = {"x": torch.randn(rows, D_MODEL), "weight": torch.randn(D_MODEL, width)}
+    return Timer("x @ weight", globals=inputs, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.5).median
 
 
 def _worker(rank: int, world: int, port: int, width: int, batch: int, steps: int, threads: int, budget_mb: int,
