@@ -15,6 +15,7 @@ With one shard every function here is the identity and costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def of_width(shard: Shard, d_sae: int) -> Shard:
     """The same slice and groups for a dictionary of ``d_sae`` latents (a sweep's dictionaries
     share the job's groups)."""
     check_width(d_sae, shard.count)
-    return Shard(shard.index, shard.count, d_sae, shard.group, shard.replicas)
+    return dataclasses.replace(shard, d_sae=d_sae)
 
 
 def new_shard(rank: int, world: int, shards: int, d_sae: int = 0) -> Shard:

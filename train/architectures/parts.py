@@ -253,7 +253,9 @@ def active_pairs(dictionary: Endpoints, centered: torch.Tensor, threshold: torch
         rows, latents = (above | close).nonzero(as_tuple=True) if near else above.nonzero(as_tuple=True)
         found.append((rows + start, latents, pre_activations[rows, latents], above[rows, latents],
                       close[rows, latents]))
-    rows, latents, values, pair_above, pair_close = (torch.cat(column) for column in zip(*found, strict=True))
+    # One chunk (a batch within the budget, the usual case) is returned as is: no copy.
+    columns = found[0] if len(found) == 1 else [torch.cat(column) for column in zip(*found, strict=True)]
+    rows, latents, values, pair_above, pair_close = columns
     return (rows, latents, values, pair_above, pair_close) if near else (rows, latents, values)
 
 
