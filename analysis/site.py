@@ -1,26 +1,36 @@
-"""The static feature browser: the atlas tables rendered as HTML pages that open from disk, no server needed.
+"""The feature browser: the atlas as chunked data files and three page templates that render them.
 
-``<analysis folder>/site/`` holds ``index.html`` (a searchable, paged table of every feature),
-``features/<id>.html`` (one page per feature), ``map.html`` (the 2-D map, when ``map.parquet``
-exists), ``assets/`` (CSS and the two page scripts) and ``data/`` (the index and map data as
-``.js`` files that assign JSON, because a page opened from ``file://`` may not fetch JSON).
+``<analysis folder>/site/`` holds
 
-Every string that comes from the corpus or the tokenizer is untrusted: Python-made HTML passes it
-through :func:`html.escape`; JSON in the data files has ``<``, ``>``, ``&``, U+2028 and U+2029
-written as ``\\uXXXX`` so no string can end the script; the page scripts insert data with
-``textContent`` and ``createElement`` only. A Content-Security-Policy forbids inline scripts too.
+- ``index.html`` (search and a paged list of features), ``feature.html`` (one template for every
+  feature: ``feature.html#<id>``) and ``map.html`` (the 2-D map, when ``map.parquet`` exists);
+- ``assets/``: the stylesheet and the page scripts;
+- ``data/meta.js``: the dictionary's facts and how the data is laid out;
+- ``data/vocab.js``: the string of every token id the atlas shows, once;
+- ``data/features/<c>.js``: the records of features ``c * 1024 .. c * 1024 + 1023``;
+- ``data/summaries/<c>.js``: density, maximum, top tokens and cluster of 2,048 features each, for
+  lists (search results, the index, the map's hover);
+- ``data/search/<s>.js``: the word index, sharded (``analysis.site_search``);
+- ``data/map.js``: every mapped feature's position and cluster.
 
-Context rows are the bulk of the work (16k features x 40 rows x 25 tokens is 16M token spans), so
-their HTML is assembled with Arrow compute kernels, not one Python format call per token.
+The file count grows with features / 1,024 (plus the search shards), never with the features
+themselves; ``analysis.site_data`` says how each file is encoded. The site opens from disk.
+
+Every string from the corpus or the tokenizer is untrusted. It reaches a data file only inside
+base64, and the page scripts put it into the page with ``textContent`` and ``createElement``,
+never by parsing HTML. A Content-Security-Policy forbids inline scripts on every page as well.
+
+Tables are read a block of features at a time (``site_data.feature_blocks``), so memory holds one
+block of contexts plus a few numbers and words per feature, whatever the width.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -29,413 +39,58 @@ import pyarrow.compute as pc
 
 from lexica import storage
 from lexica.analysis import atlas
+from lexica.analysis.site_data import (
+    data_script,
+    feature_blocks,
+    feature_record,
+    flat_values,
+    levels,
+    list_offsets,
+    packed,
+    packed_json,
+    significant,
+)
+from lexica.analysis.site_search import (
+    POSTINGS_PER_WORD,
+    PROMOTED_WEIGHT,
+    PROMOTED_WORDS,
+    SEARCH_WINDOW,
+    TOP_TOKEN_WEIGHT,
+    WordIndex,
+)
+from lexica.progress import Progress
 
 SITE_FOLDER = "site"
-ASSET_FILES = ("site.css", "index.js", "map.js")
-INDEX_TOKENS = 5  # example tokens and promoted logit tokens shown per feature in the index
-SEARCH_WORDS = 32  # context words per feature the index search looks through
-SEARCH_WINDOW = 3  # ...taken this many tokens either side of each top example token
-INTENSITY_LEVELS = 20  # background shades of an activating token (CSS classes a1..a20)
-FEATURES_PER_BATCH = 1024  # context rows are turned into HTML this many features at a time
-FILES_PER_WRITE = 512  # pages handed to the file system in one fsspec pipe() call (concurrent on S3)
+ASSET_FILES = ("site.css", "common.js", "index.js", "feature.js", "map.js")
+FEATURES_PER_CHUNK = 1024
+FEATURES_PER_SUMMARY = 2048
+TOP_TOKENS = 5  # a feature's most frequent example tokens, shown in lists
+CHIP_TOKENS = 3  # ...of which a neighbour's entry shows this many
+LOGIT_COLUMNS = ["feature", "promoted_ids", "promoted_tokens", "promoted_values", "suppressed_ids", "suppressed_tokens",
+                 "suppressed_values"]
+COMPRESSION_THREADS = 2
+FILES_PER_WRITE = 64  # files handed to the file system in one fsspec pipe() call (concurrent on S3)
 
-# Whitespace and control characters would vanish or break a context line; show a visible stand-in.
-VISIBLE_CHARACTERS = {"\n": "↵", "\r": "⏎", "\t": "⇥", "\x0b": "␋", "\x0c": "␌", "\x00": "␀"}
-VISIBLE_CHARACTERS.update({chr(code): chr(0x2400 + code) for code in range(32) if chr(code) not in VISIBLE_CHARACTERS})
-VISIBLE_CHARACTERS["\x7f"] = "␡"
-_VISIBLE_TABLE = str.maketrans(VISIBLE_CHARACTERS)
-
-# Feature pages run no script at all; the index and map run only their own files, never inline code.
-# `file:` is listed beside 'self' because some browsers give a page opened from disk an opaque origin
-# that 'self' does not match; the protection that matters here, no inline script or handler, stays.
-PAGE_POLICY = "default-src 'none'; style-src 'self' file:; img-src 'self' file:"
-SCRIPT_POLICY = "default-src 'none'; style-src 'self' file:; img-src 'self' file:; script-src 'self' file:"
-
-
-def display_token(token: str) -> str:
-    """A token as it is shown: newlines, tabs and control characters visible, a blank token as dots."""
-    if token == "\r\n":
-        return "↵"
-    shown = token.translate(_VISIBLE_TABLE)
-    if shown and not shown.strip(" "):
-        return "·" * len(shown)
-    return shown
+# Scripts only from the site's own files; `file:` beside 'self' because some browsers give a page
+# opened from disk an opaque origin that 'self' does not match. No inline script or handler runs.
+PAGE_POLICY = ("default-src 'none'; style-src 'self' file:; img-src 'self' file: data:; "
+               "script-src 'self' file:; connect-src 'self'")
 
 
 def escape(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def script_json(document: object) -> str:
-    """JSON that is safe inside a ``<script>`` file: nothing in it can close a tag or end a line of JS."""
-    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for character, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                            ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(character, code)
-    return text
-
-
-def _map_unique(strings: pa.Array, convert) -> pa.Array:
-    """``convert`` applied to each distinct string once (tokens repeat: a vocabulary, not 16M strings)."""
-    encoded = pc.dictionary_encode(pc.fill_null(strings, ""))
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    converted = pa.array([convert(token) for token in encoded.dictionary.to_pylist()], type=pa.string())
-    return converted.take(encoded.indices)
-
-
-def _shown_html(token: str | None) -> str:
-    return escape(display_token(token or ""))
-
-
-def _list_offsets(lists: pa.Array) -> np.ndarray:
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
-
-
-def _span_prefixes() -> tuple[pa.Array, pa.Array]:
-    """Opening-tag pieces by code ``level * 2 + is_example``: the head before the title value, the tail after."""
-    heads, tails = [], []
-    for level in range(INTENSITY_LEVELS + 1):
-        for example in (0, 1):
-            classes = " ".join(([f"a{level}"] if level else []) + (["x"] if example else []))
-            class_attribute = f' class="{classes}"' if classes else ""
-            if level:
-                heads.append(f'<span{class_attribute} title="')
-                tails.append('">')
-            else:
-                heads.append(f"<span{class_attribute}")
-                tails.append(">")
-    return pa.array(heads), pa.array(tails)
-
-
-SPAN_HEADS, SPAN_TAILS = _span_prefixes()
-
-
-def context_items_html(contexts: pa.Table, scale: np.ndarray) -> list[str]:
-    """One ``<li>`` per context row: its activation, its tokens shaded by activation / ``scale``, where it is.
-
-    A token with a positive activation gets class ``a<level>`` (level 1..20, background intensity)
-    and its exact activation as a title; the example token also gets class ``x``.
-    """
-    if contexts.num_rows == 0:
-        return []
-    tokens = contexts.column("tokens").combine_chunks()
-    values = contexts.column("values").combine_chunks()
-    offsets = _list_offsets(tokens)
-    flat_tokens = pc.list_flatten(tokens)
-    flat_values = pc.list_flatten(values)
-    if len(flat_values) != len(flat_tokens):
-        raise ValueError("contexts.parquet has rows whose tokens and values differ in length")
-    shown = _map_unique(flat_tokens, _shown_html)
-
-    lengths = np.diff(offsets)
-    numbers = np.nan_to_num(flat_values.to_numpy(zero_copy_only=False).astype(np.float32), nan=0.0)
-    row_scale = np.repeat(np.where(scale > 0, scale, 1.0).astype(np.float32), lengths)
-    levels = np.where(numbers > 0, np.clip(np.ceil(numbers / row_scale * INTENSITY_LEVELS), 1, INTENSITY_LEVELS), 0)
-    example = np.zeros(len(numbers), dtype=np.int64)
-    centre = contexts.column("center").to_numpy().astype(np.int64)
-    inside = (centre >= 0) & (centre < lengths)
-    example[(offsets[:-1] + centre)[inside]] = 1
-    codes = pa.array(levels.astype(np.int64) * 2 + example)
-    titles = pc.if_else(pa.array(numbers > 0), pc.cast(pa.array(numbers), pa.string()), "")
-    spans = pc.binary_join_element_wise(SPAN_HEADS.take(codes), titles, SPAN_TAILS.take(codes), shown,
-                                        "</span>", "")
-    rows = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), spans), "")
-    activations = pc.cast(pc.round(pc.cast(contexts.column("activation"), pa.float64()), 3), pa.string())
-    items = pc.binary_join_element_wise(
-        '<li><span class="num">', activations, '</span><span class="ctx">', rows, '</span><span class="where">doc ',
-        pc.cast(contexts.column("doc_id"), pa.string()), " · pos ", pc.cast(contexts.column("position"), pa.string()),
-        "</span></li>", "")
-    return items.to_pylist()
-
-
-def _group_starts(sorted_ids: np.ndarray, feature_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row range [start, stop) of each feature in rows sorted by feature."""
-    return (np.searchsorted(sorted_ids, feature_ids, side="left"),
-            np.searchsorted(sorted_ids, feature_ids, side="right"))
-
-
-def _ranked_strings(feature_column: np.ndarray, strings: pa.Array, keep: int,
-                    feature_ids: np.ndarray) -> list[list[str]]:
-    """Per feature of ``feature_ids``, its most frequent non-empty strings (ties alphabetical), at most ``keep``."""
-    if len(strings) == 0:
-        return [[] for _ in feature_ids]
-    table = pa.table({"feature": pa.array(feature_column, type=pa.int32()), "text": strings})
-    table = table.filter(pc.invert(pc.equal(table["text"], "")))
-    counted = table.group_by(["feature", "text"]).aggregate([([], "count_all")])
-    counted = counted.sort_by([("feature", "ascending"), ("count_all", "descending"), ("text", "ascending")])
-    grouped_features = counted["feature"].to_numpy()
-    run_starts = np.flatnonzero(np.diff(grouped_features, prepend=np.iinfo(np.int64).min))
-    run_lengths = np.diff(np.append(run_starts, len(grouped_features)))
-    rank = np.arange(len(grouped_features)) - np.repeat(run_starts, run_lengths)
-    kept = counted.filter(pa.array(rank < keep))
-    kept_features = kept["feature"].to_numpy()
-    texts = kept["text"].to_pylist()
-    starts, stops = _group_starts(kept_features, feature_ids)
-    return [texts[start:stop] for start, stop in zip(starts, stops, strict=True)]
-
-
-def index_words(top_contexts: pa.Table, feature_ids: np.ndarray) -> tuple[list[list[str]], list[list[str]]]:
-    """Per feature: its most frequent example tokens (display form) and its search words (lower case).
-
-    Search words are the tokens within :data:`SEARCH_WINDOW` of each top example, stripped and
-    lower-cased, most frequent first.
-    """
-    if top_contexts.num_rows == 0:
-        return [[] for _ in feature_ids], [[] for _ in feature_ids]
-    tokens = top_contexts.column("tokens").combine_chunks()
-    offsets = _list_offsets(tokens)
-    lengths = np.diff(offsets)
-    flat_tokens = pc.list_flatten(tokens)
-    row_features = top_contexts.column("feature").to_numpy()
-    centre = np.clip(top_contexts.column("center").to_numpy().astype(np.int64), 0, np.maximum(lengths - 1, 0))
-    has_tokens = lengths > 0
-    example_tokens = flat_tokens.take(pa.array((offsets[:-1] + centre)[has_tokens]))
-    shown = _map_unique(example_tokens, lambda token: display_token(token or ""))
-    top_tokens = _ranked_strings(row_features[has_tokens], shown, INDEX_TOKENS, feature_ids)
-
-    window = np.arange(-SEARCH_WINDOW, SEARCH_WINDOW + 1)
-    positions = centre[:, None] + window[None, :]
-    valid = (positions >= 0) & (positions < lengths[:, None])
-    flat_positions = (offsets[:-1, None] + positions)[valid]
-    window_features = np.broadcast_to(row_features[:, None], positions.shape)[valid]
-    words = _map_unique(flat_tokens.take(pa.array(flat_positions)), lambda token: (token or "").strip().lower())
-    search_words = _ranked_strings(window_features, words, SEARCH_WORDS, feature_ids)
-    return top_tokens, search_words
-
-
-class HistogramDrawer:
-    """Inline SVG bars of a feature's activation histogram (log-spaced bins), trimmed to its occupied range.
-
-    Bin labels and decade ticks depend only on the edges, so they are formatted once per site.
-    """
-
-    WIDTH, HEIGHT, AXIS = 640, 120, 16
-
-    def __init__(self, edges: list[float]):
-        self.edges = edges
-        self.bin_labels = [f"{low:.3g}–{high:.3g}" for low, high in zip(edges[:-1], edges[1:], strict=True)]
-        # The x axis is logarithmic: label the decade edges (…, 0.1, 1, 10, …) that fall inside the range.
-        self.decade = [edge > 0 and abs(np.log10(edge) - round(np.log10(edge))) < 1e-6 for edge in edges]
-
-    def svg(self, counts: list[int]) -> str:
-        counts = counts or []
-        occupied = [i for i, count in enumerate(counts) if count]
-        if not occupied or len(self.edges) < len(counts) + 1:
-            return '<p class="empty">No activations recorded.</p>'
-        first, last = occupied[0], occupied[-1]
-        shown = counts[first:last + 1]
-        height = self.HEIGHT
-        bar = self.WIDTH / len(shown)
-        bar_width = f"{max(bar - 1, 1):.1f}"
-        tallest = max(shown)
-        parts = [f'<svg class="histogram" viewBox="0 0 {self.WIDTH} {height + self.AXIS}" role="img" '
-                 'aria-label="activation histogram">']
-        for offset, count in enumerate(shown):
-            if count:
-                bar_height = max(1.0, count / tallest * height)
-                parts.append(f'<rect x="{offset * bar:.1f}" y="{height - bar_height:.1f}" width="{bar_width}" '
-                             f'height="{bar_height:.1f}"><title>{self.bin_labels[first + offset]}: {count:,}</title>'
-                             '</rect>')
-        for offset in range(len(shown) + 1):
-            if self.decade[first + offset]:
-                parts.append(f'<text x="{offset * bar:.1f}" y="{height + self.AXIS - 3}">'
-                             f'{self.edges[first + offset]:g}</text>')
-        parts.append("</svg>")
-        return "".join(parts)
-
-
-def _number(value: float, digits: int = 4) -> str:
-    return f"{value:.{digits}g}"
-
-
-class _TokenHtml(dict):
-    """Escaped display HTML of tokens, computed once per distinct token (logit tokens repeat across features)."""
-
-    def __missing__(self, token: str | None) -> str:
-        self[token] = shown = _shown_html(token)
-        return shown
-
-
-def _token_list_html(tokens: list[str], values: list[float], token_html: _TokenHtml) -> str:
-    cells = "".join(f'<li><span class="tok">{token_html[token]}</span><span class="num">{value:+.3f}</span></li>'
-                    for token, value in zip(tokens, values, strict=False))
-    return f'<ol class="logit">{cells}</ol>'
-
-
-def _head(title: str, css: str, policy: str) -> str:
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{escape(title)}</title><link rel="stylesheet" href="{css}"></head>')
-
-
-def _summary_line(summary: dict) -> str:
-    facts = []
-    for key in ("model", "hook", "target_hook", "d_sae", "tokens", "store"):
-        value = summary.get(key)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            shown = f"{value:,}" if isinstance(value, int) else value
-            facts.append(f"{key} <b>{escape(shown)}</b>")
-    return " · ".join(facts)
-
-
-class _Tables:
-    """The atlas tables a site is built from, indexed by feature."""
-
-    def __init__(self, folder_url: str, storage_options: dict | None):
-        self.summary = atlas.read_summary(folder_url, storage_options)
-        features = atlas.read_table(folder_url, "features", storage_options).sort_by("feature")
-        self.feature_ids = features["feature"].to_numpy().astype(np.int64)
-        self.fires = features["fires"].to_numpy()
-        self.density = features["density"].to_numpy()
-        self.max_activation = features["max_activation"].to_numpy()
-        self.mean_activation = features["mean_activation"].to_numpy()
-        self.histograms = features["histogram"].to_pylist()
-        self.position = {int(feature): row for row, feature in enumerate(self.feature_ids)}
-
-        contexts = atlas.read_table(folder_url, "contexts", storage_options)
-        # Per feature: top examples by rank, then quantile samples band by band.
-        contexts = contexts.append_column("order", pc.if_else(pc.equal(contexts["kind"], "top"), 0, 1))
-        self.contexts = contexts.sort_by([("feature", "ascending"), ("order", "ascending"),
-                                          ("band", "ascending"), ("rank", "ascending")])
-        self.context_features = self.contexts["feature"].to_numpy()
-
-        self.logits = self._optional(folder_url, "logits", storage_options)
-        self.neighbours = self._optional(folder_url, "neighbours", storage_options)
-        self.map = self._optional(folder_url, "map", storage_options)
-
-    def _optional(self, folder_url: str, name: str, storage_options: dict | None) -> dict[int, dict] | None:
-        if not atlas.has_table(folder_url, name, storage_options):
-            return None
-        rows = atlas.read_table(folder_url, name, storage_options).to_pylist()
-        return {row["feature"]: row for row in rows}
-
-
-class _FeaturePages:
-    """Renders ``features/<id>.html``; what every page shares is formatted once here."""
-
-    def __init__(self, tables: _Tables, top_tokens: list[list[str]], edges: list[float], has_map: bool):
-        self.tables, self.has_map = tables, has_map
-        self.histogram = HistogramDrawer(edges)
-        self.token_html = _TokenHtml()
-        self.dictionary = str(tables.summary.get("dictionary", "atlas"))
-        self.chips = ["".join(f'<span class="tok">{escape(word)}</span>' for word in words) for words in top_tokens]
-
-    def page(self, row: int, items: list[str], kinds: np.ndarray, bands: np.ndarray,
-             activations: np.ndarray) -> str:
-        """The page of the feature at ``row``; ``items`` are its context rows' ``<li>`` HTML, in table order."""
-        tables = self.tables
-        ids = tables.feature_ids
-        feature = int(ids[row])
-        previous_link = (f'<a rel="prev" href="{ids[row - 1]}.html">← feature {ids[row - 1]}</a>' if row > 0
-                         else "<span></span>")
-        next_link = (f'<a rel="next" href="{ids[row + 1]}.html">feature {ids[row + 1]} →</a>'
-                     if row + 1 < len(ids) else "<span></span>")
-        map_link = f'<a href="../map.html#f={feature}">map</a>' if self.has_map else ""
-        parts = [_head(f"Feature {feature} · {self.dictionary}", "../assets/site.css", PAGE_POLICY),
-                 f'<body class="feature-page"><nav class="bar">{previous_link}<a href="../index.html">index</a>'
-                 f'{map_link}{next_link}</nav><main>',
-                 f'<h1>Feature {feature}</h1><dl class="stats">'
-                 f'<div><dt>density</dt><dd>{_number(tables.density[row])}</dd></div>'
-                 f'<div><dt>fires</dt><dd>{int(tables.fires[row]):,}</dd></div>'
-                 f'<div><dt>max activation</dt><dd>{_number(tables.max_activation[row])}</dd></div>'
-                 f'<div><dt>mean activation</dt><dd>{_number(tables.mean_activation[row])}</dd></div></dl>',
-                 f'<section><h2>Activation histogram</h2>{self.histogram.svg(tables.histograms[row])}</section>',
-                 "<section><h2>Top contexts</h2>"]
-        top_count = int(np.count_nonzero(kinds == 0))  # rows come top examples first
-        if top_count:
-            parts.append(f'<ol class="contexts">{"".join(items[:top_count])}</ol>')
-        else:
-            parts.append('<p class="empty">This feature never fired on the analysed tokens.</p>')
-        parts.append("</section>")
-        if top_count < len(items):
-            parts.append("<section><h2>Samples by activation quantile</h2>")
-            band_starts = np.flatnonzero(np.diff(bands[top_count:], prepend=np.inf)) + top_count
-            for start, stop in zip(band_starts, [*band_starts[1:], len(items)], strict=True):
-                low, high = activations[start:stop].min(), activations[start:stop].max()
-                parts.append(f'<h3>Band {int(bands[start])} <small>activations {low:.3f}–{high:.3f}</small></h3>'
-                             f'<ol class="contexts">{"".join(items[start:stop])}</ol>')
-            parts.append("</section>")
-        parts.append(self._logits(feature))
-        parts.append(self._neighbours(feature))
-        parts.append("</main></body></html>\n")
-        return "".join(parts)
-
-    def _logits(self, feature: int) -> str:
-        logits = self.tables.logits.get(feature) if self.tables.logits is not None else None
-        if not logits:
-            return ""
-        promoted = _token_list_html(logits["promoted_tokens"], logits["promoted_values"], self.token_html)
-        suppressed = _token_list_html(logits["suppressed_tokens"], logits["suppressed_values"], self.token_html)
-        return (f'<section><h2>Logit effects</h2><div class="columns"><div><h3>Promoted</h3>{promoted}</div>'
-                f'<div><h3>Suppressed</h3>{suppressed}</div></div></section>')
-
-    def _neighbours(self, feature: int) -> str:
-        neighbours = self.tables.neighbours.get(feature) if self.tables.neighbours is not None else None
-        if not neighbours or not neighbours["neighbours"]:
-            return ""
-        items = []
-        for other, cosine in zip(neighbours["neighbours"], neighbours["cosines"], strict=False):
-            other_row = self.tables.position.get(other)
-            if other_row is None:  # not in features.parquet: no page to link to
-                items.append(f'<li>feature {int(other)}<span class="num">cos {cosine:.3f}</span></li>')
-            else:
-                items.append(f'<li><a href="{int(other)}.html">feature {int(other)}</a><span class="num">cos '
-                             f'{cosine:.3f}</span><span class="chips">{self.chips[other_row]}</span></li>')
-        return (f'<section><h2>Nearest features (decoder cosine)</h2><ol class="neighbours">{"".join(items)}</ol>'
-                '</section>')
-
-
-def _index_page(summary: dict, features: int, has_map: bool) -> str:
-    name = summary.get("dictionary", "atlas")
-    map_link = '<a href="map.html">map</a>' if has_map else ""
-    return (_head(f"{name} · Lexica atlas", "assets/site.css", SCRIPT_POLICY) +
-            f'<body class="index-page"><nav class="bar"><span>Lexica atlas</span>{map_link}</nav><main>'
-            f'<h1>{escape(name)}</h1><p class="summary">{features:,} features · {_summary_line(summary)}</p>'
-            '<div class="controls"><input id="search" type="search" autocomplete="off" spellcheck="false" '
-            'placeholder="Search: feature id, token or context word" aria-label="search features">'
-            '<span id="status" role="status"></span></div>'
-            '<table id="features"><thead><tr>'
-            '<th data-sort="feature">feature</th><th data-sort="density">density</th>'
-            '<th data-sort="max">max act.</th><th>top tokens</th><th>promoted logits</th>'
-            '<th data-sort="cluster">cluster</th></tr></thead><tbody></tbody></table>'
-            '<div class="pager"><button id="previous" type="button">← previous</button><span id="page"></span>'
-            '<button id="next" type="button">next →</button></div>'
-            '<noscript><p>The feature table needs JavaScript; feature pages are plain HTML under features/.</p>'
-            '</noscript></main><script src="data/index.js"></script><script src="assets/index.js"></script>'
-            '</body></html>\n')
-
-
-def _map_page(summary: dict) -> str:
-    name = summary.get("dictionary", "atlas")
-    return (_head(f"Map · {name} · Lexica atlas", "assets/site.css", SCRIPT_POLICY) +
-            '<body class="map-page"><nav class="bar"><a href="index.html">index</a>'
-            f'<span>{escape(name)}: decoder directions in 2-D, coloured by cluster; scroll to zoom, drag to pan, '
-            'click a point to open its feature</span><button id="reset" type="button">reset view</button></nav>'
-            '<div id="stage"><canvas id="map"></canvas><div id="tooltip" hidden></div></div>'
-            '<script src="data/map.js"></script><script src="assets/map.js"></script></body></html>\n')
-
-
-def _data_script(variable: str, document: object) -> bytes:
-    return f"window.{variable} = {script_json(document)};\n".encode()
-
-
-def _rounded(values: np.ndarray, digits: int = 4) -> list[float]:
-    return [float(f"{value:.{digits}g}") for value in np.nan_to_num(values.astype(np.float64))]
-
-
 class _Writer:
-    """Pages go out in batches through fsspec; ``index.html`` is written last by the caller."""
+    """Files go out in batches through fsspec; ``index.html`` is written last by the caller."""
 
     def __init__(self, fs, folder: str):
-        self.fs, self.folder, self.pending, self.files = fs, folder, {}, 0
+        self.fs, self.folder, self.pending, self.files, self.bytes = fs, folder, {}, 0, 0
 
     def add(self, relative_path: str, data: bytes | str) -> None:
-        self.pending[storage.join(self.folder, relative_path)] = data.encode() if isinstance(data, str) else data
+        data = data.encode() if isinstance(data, str) else data
+        self.pending[storage.join(self.folder, relative_path)] = data
+        self.bytes += len(data)
         if len(self.pending) >= FILES_PER_WRITE:
             self.flush()
 
@@ -446,6 +101,321 @@ class _Writer:
             self.pending = {}
 
 
+class _Features:
+    """The per-feature numbers every pass needs, as arrays indexed by feature id."""
+
+    def __init__(self, fs, folder: str):
+        table = storage.open_parquet(fs, storage.join(folder, "features.parquet")).read(
+            columns=["feature", "fires", "density", "max_activation", "mean_activation"], use_threads=False)
+        ids = table["feature"].to_numpy().astype(np.int64)
+        self.count = int(ids.max()) + 1 if len(ids) else 0
+        self.present = np.zeros(self.count, dtype=bool)
+        self.present[ids] = True
+        self.fires = np.zeros(self.count, np.int64)
+        self.density = np.zeros(self.count, np.float64)
+        self.max_activation = np.zeros(self.count, np.float32)
+        self.mean_activation = np.zeros(self.count, np.float32)
+        self.fires[ids] = table["fires"].to_numpy()
+        self.density[ids] = table["density"].to_numpy()
+        self.max_activation[ids] = table["max_activation"].to_numpy()
+        self.mean_activation[ids] = table["mean_activation"].to_numpy()
+        self.top_tokens = np.full((self.count, TOP_TOKENS), -1, dtype=np.int32)
+
+
+def _sorted_contexts(block: pa.Table) -> pa.Table:
+    """A block's context rows by feature, top examples first, then quantile samples band by band."""
+    order = pc.if_else(pc.equal(block["kind"], "top"), 0, 1)
+    return block.append_column("order", order).sort_by(
+        [("feature", "ascending"), ("order", "ascending"), ("band", "ascending"), ("rank", "ascending")])
+
+
+def _first_pass(contexts: pa.Table, logits: pa.Table | None, features: _Features, vocabulary: _Vocabulary,
+                words: WordIndex) -> None:
+    """First pass over one block: the tokens it shows, each feature's top tokens, and its search words."""
+    vocabulary.add(flat_values(contexts["token_ids"]).to_numpy(zero_copy_only=False),
+                   flat_values(contexts["tokens"]))
+    if logits is not None:
+        for side in ("promoted", "suppressed"):
+            vocabulary.add(flat_values(logits[f"{side}_ids"]).to_numpy(zero_copy_only=False),
+                           flat_values(logits[f"{side}_tokens"]))
+    top = contexts.filter(pc.equal(contexts["kind"], "top"))
+    if top.num_rows:
+        offsets = list_offsets(top["token_ids"])
+        lengths = np.diff(offsets)
+        has_tokens = lengths > 0
+        row_feature = top["feature"].to_numpy().astype(np.int64)
+        centre = np.clip(top["center"].to_numpy().astype(np.int64), 0, np.maximum(lengths - 1, 0))
+        flat_ids = flat_values(top["token_ids"]).to_numpy()
+        flat_tokens = flat_values(top["tokens"])
+        at_centre = (offsets[:-1] + centre)[has_tokens]
+        centre_features = row_feature[has_tokens]
+        _rank_top_tokens(centre_features, vocabulary.of(flat_ids[at_centre]), features.top_tokens)
+        words.add(centre_features, flat_tokens.take(pa.array(at_centre)),
+                  np.full(len(at_centre), TOP_TOKEN_WEIGHT))
+        window = np.arange(-SEARCH_WINDOW, SEARCH_WINDOW + 1)
+        positions = centre[:, None] + window[None, :]
+        inside = (positions >= 0) & (positions < lengths[:, None]) & (window[None, :] != 0)
+        taken = (offsets[:-1, None] + positions)[inside]
+        words.add(np.broadcast_to(row_feature[:, None], positions.shape)[inside],
+                  flat_tokens.take(pa.array(taken)), np.ones(len(taken), np.int32))
+    if logits is not None and logits.num_rows:
+        offsets = list_offsets(logits["promoted_tokens"])
+        rank = np.arange(offsets[-1]) - np.repeat(offsets[:-1], np.diff(offsets))
+        first = rank < PROMOTED_WORDS
+        owners = np.repeat(logits["feature"].to_numpy(), np.diff(offsets))
+        words.add(owners[first], flat_values(logits["promoted_tokens"]).filter(pa.array(first)),
+                  np.full(int(first.sum()), PROMOTED_WEIGHT))
+    words.close_block()
+
+
+def _rank_top_tokens(row_features: np.ndarray, token_ids: np.ndarray, top_tokens: np.ndarray) -> None:
+    """Each feature's most frequent example tokens (ties: the lower index) into ``top_tokens``."""
+    if not len(row_features):
+        return
+    keys, counts = np.unique((row_features.astype(np.int64) << 32) | token_ids.astype(np.int64), return_counts=True)
+    order = np.lexsort((keys, -counts, keys >> 32))
+    keys = keys[order]
+    pairs = np.stack([keys >> 32, keys & 0xFFFFFFFF], axis=1)
+    starts = np.flatnonzero(np.diff(pairs[:, 0], prepend=-1))
+    rank = np.arange(len(pairs)) - np.repeat(starts, np.diff(np.append(starts, len(pairs))))
+    kept = rank < top_tokens.shape[1]
+    top_tokens[pairs[kept, 0], rank[kept]] = pairs[kept, 1]
+
+
+class _Vocabulary:
+    """Every token id the site shows, numbered densely (0, 1, ...) in the order first met, with its string.
+
+    Records store these indices, 16-bit when there are at most 65,536 of them: an atlas uses a
+    fraction of a large model vocabulary, and small numbers compress better.
+    """
+
+    def __init__(self):
+        self.index = np.full(0, -1, dtype=np.int64)  # model token id -> site index (-1: not met yet)
+        self.model_ids: list[int] = []
+        self.strings: list[str] = []
+
+    def add(self, ids: np.ndarray, strings: pa.Array) -> None:
+        if not len(ids):
+            return
+        ids = ids.astype(np.int64)
+        if ids.min() < 0:
+            raise ValueError(f"token id {int(ids.min())} in the atlas tables; ids are expected to be >= 0")
+        if ids.max() >= len(self.index):
+            self.index = np.concatenate([self.index, np.full(int(ids.max()) + 1 - len(self.index), -1, np.int64)])
+        new = np.flatnonzero(self.index[ids] < 0)
+        if not len(new):
+            return
+        distinct, first = np.unique(ids[new], return_index=True)
+        self.index[distinct] = np.arange(len(self.strings), len(self.strings) + len(distinct))
+        self.model_ids.extend(distinct.tolist())
+        self.strings.extend(text or "" for text in strings.take(pa.array(new[first])).to_pylist())
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        return self.index[ids.astype(np.int64)]
+
+    @property
+    def id_type(self) -> str:
+        return "<u2" if len(self.strings) <= 1 << 16 else "<i4"
+
+    def document(self) -> dict:
+        return {"ids": self.model_ids, "text": self.strings}
+
+
+def _doc_number(value: int) -> int | str:
+    return value if abs(value) < 2**53 else str(value)  # JSON numbers beyond 2^53 lose digits in a browser
+
+
+class _ChunkBuilder:
+    """Second pass: the records of one block of features."""
+
+    def __init__(self, features: _Features, layout: dict | None, vocabulary: _Vocabulary):
+        self.features, self.layout, self.vocabulary = features, layout, vocabulary
+        self.density = significant(features.density)
+        self.maximum = significant(features.max_activation)
+        self.mean = significant(features.mean_activation)
+
+    def records(self, first: int, histograms: pa.Table, contexts: pa.Table, logits: pa.Table | None,
+                neighbours: pa.Table | None) -> list[bytes]:
+        """Each feature's uncompressed record (empty for an id the atlas does not hold)."""
+        features, vocabulary = self.features, self.vocabulary
+        ids = np.arange(first, min(first + FEATURES_PER_CHUNK, features.count))
+        histogram_rows = self._rows(histograms, ids)
+        histogram_offsets = list_offsets(histograms["histogram"])
+        histogram_counts = flat_values(histograms["histogram"]).to_numpy(zero_copy_only=False)
+
+        contexts = _sorted_contexts(contexts)
+        context_rows = self._ranges(contexts, ids)
+        token_offsets = list_offsets(contexts["token_ids"])
+        flat_ids = flat_values(contexts["token_ids"]).to_numpy(zero_copy_only=False)
+        site_ids = vocabulary.of(flat_ids).astype(vocabulary.id_type)
+        flat_numbers = flat_values(contexts["values"]).to_numpy(zero_copy_only=False)
+        row_maximum = features.max_activation[contexts["feature"].to_numpy().astype(np.int64)]
+        token_levels = levels(flat_numbers, np.repeat(row_maximum, np.diff(token_offsets)))
+        bands, docs, positions, centres = (contexts[name].to_numpy().tolist()
+                                           for name in ("band", "doc_id", "position", "center"))
+        activations = significant(contexts["activation"].to_numpy())
+        context_lengths = np.diff(token_offsets).tolist()
+        logit_lists = self._lists(logits, ids, ("promoted_ids", "promoted_values", "suppressed_ids",
+                                                "suppressed_values"), id_columns=(0, 2))
+        neighbour_lists = self._lists(neighbours, ids, ("neighbours", "cosines"), id_columns=())
+
+        records = []
+        for index, feature in enumerate(ids.tolist()):
+            if not features.present[feature]:
+                records.append(b"")
+                continue
+            start, stop = context_rows[index]
+            head = {"f": feature, "n": int(features.fires[feature]), "d": self.density[feature],
+                    "mx": self.maximum[feature], "mn": self.mean[feature],
+                    "h": self._histogram(histogram_rows[index], histogram_offsets, histogram_counts),
+                    "c": [[bands[i], activations[i], _doc_number(docs[i]), positions[i], centres[i],
+                           context_lengths[i]] for i in range(start, stop)]}
+            if logit_lists is not None:
+                promoted_ids, promoted_values, suppressed_ids, suppressed_values = (
+                    column[index] for column in logit_lists)
+                head["p"] = [promoted_ids, promoted_values]
+                head["s"] = [suppressed_ids, suppressed_values]
+            if neighbour_lists is not None:
+                others, cosines = (column[index] for column in neighbour_lists)
+                kept = [i for i, other in enumerate(others) if 0 <= other < features.count]
+                head["nb"] = [[others[i] for i in kept], [round(cosines[i], 3) for i in kept],
+                              [[t for t in features.top_tokens[others[i], :CHIP_TOKENS].tolist() if t >= 0]
+                               for i in kept]]
+            if self.layout is not None and self.layout["mapped"][feature]:
+                head["m"] = [round(float(self.layout["x"][feature]), 4), round(float(self.layout["y"][feature]), 4),
+                             int(self.layout["cluster"][feature])]
+            token_start, token_stop = token_offsets[start], token_offsets[stop]
+            records.append(feature_record(head, site_ids[token_start:token_stop],
+                                          token_levels[token_start:token_stop]))
+        return records
+
+    @staticmethod
+    def _ranges(table: pa.Table, ids: np.ndarray) -> list[tuple[int, int]]:
+        features = table["feature"].to_numpy()
+        starts = np.searchsorted(features, ids, side="left")
+        stops = np.searchsorted(features, ids, side="right")
+        return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+    @staticmethod
+    def _rows(table: pa.Table, ids: np.ndarray) -> list[int]:
+        """Row of each feature in a table with one row per feature (-1 when it has none)."""
+        features = table["feature"].to_numpy()
+        if not len(features):
+            return [-1] * len(ids)
+        found = np.searchsorted(features, ids)
+        clipped = np.minimum(found, len(features) - 1)
+        return np.where((found < len(features)) & (features[clipped] == ids), found, -1).tolist()
+
+    def _lists(self, table: pa.Table | None, ids: np.ndarray, columns: tuple[str, ...],
+               id_columns: tuple[int, ...]) -> list[list] | None:
+        """Per feature of ``ids``, the list in each of ``columns`` (token ids as site indices, floats rounded)."""
+        if table is None:
+            return None
+        rows = self._rows(table, ids)
+        per_column = []
+        for position, name in enumerate(columns):
+            offsets = list_offsets(table[name])
+            values = flat_values(table[name]).to_numpy(zero_copy_only=False)
+            if position in id_columns:
+                values = self.vocabulary.of(values).tolist()
+            elif values.dtype.kind == "f":
+                values = significant(values)
+            else:
+                values = values.tolist()
+            per_column.append([values[offsets[row]:offsets[row + 1]] if row >= 0 else [] for row in rows])
+        return per_column
+
+    @staticmethod
+    def _histogram(row: int, offsets: np.ndarray, counts: np.ndarray) -> list:
+        if row < 0:
+            return [0, []]
+        counts = counts[offsets[row]:offsets[row + 1]]
+        occupied = np.flatnonzero(counts)
+        if not len(occupied):
+            return [0, []]
+        return [int(occupied[0]), counts[occupied[0]:occupied[-1] + 1].tolist()]
+
+
+def _read_layout(fs, folder: str, count: int) -> dict | None:
+    path = storage.join(folder, "map.parquet")
+    if not storage.exists(fs, path):
+        return None
+    table = storage.open_parquet(fs, path).read(use_threads=False)
+    ids = table["feature"].to_numpy().astype(np.int64)
+    keep = (ids >= 0) & (ids < count)
+    layout = {"mapped": np.zeros(count, bool), "x": np.zeros(count, np.float32), "y": np.zeros(count, np.float32),
+              "cluster": np.zeros(count, np.int32)}
+    layout["mapped"][ids[keep]] = True
+    for name in ("x", "y", "cluster"):
+        layout[name][ids[keep]] = table[name].to_numpy()[keep]
+    return layout
+
+
+def _map_file(layout: dict) -> tuple[bytes, dict]:
+    """Positions quantised to 16 bits over the map's extent (a pixel of a 65k-wide canvas)."""
+    ids = np.flatnonzero(layout["mapped"]).astype(np.int32)
+    x, y = layout["x"][ids].astype(np.float64), layout["y"][ids].astype(np.float64)
+    extent = [float(x.min(initial=0)), float(x.max(initial=1)), float(y.min(initial=0)), float(y.max(initial=1))]
+
+    def quantised(values: np.ndarray, low: float, high: float) -> np.ndarray:
+        return np.round((values - low) / max(high - low, 1e-12) * 65535).astype("<u2")
+
+    body = b"".join((ids.astype("<i4").tobytes(), quantised(x, *extent[:2]).tobytes(),
+                     quantised(y, *extent[2:]).tobytes(),
+                     np.clip(layout["cluster"][ids], 0, 65535).astype("<u2").tobytes()))
+    return data_script("map", "bin", packed(body)), {"points": len(ids), "extent": extent}
+
+
+def _facts(summary: dict) -> list[list[str]]:
+    facts = []
+    for key in ("model", "hook", "target_hook", "d_sae", "tokens", "store"):
+        value = summary.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            facts.append([key, f"{value:,}" if isinstance(value, int) else str(value)])
+    return facts
+
+
+def _page(title: str, body_class: str, body: str, scripts: tuple[str, ...]) -> str:
+    script_tags = "".join(f'<script src="{name}"></script>' for name in ("assets/common.js", "data/meta.js",
+                                                                           *scripts))
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{PAGE_POLICY}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{escape(title)}</title><link rel="stylesheet" href="assets/site.css"></head>'
+            f'<body class="{body_class}">{body}<noscript><p>The atlas pages need JavaScript.</p></noscript>'
+            f'{script_tags}</body></html>\n')
+
+
+def _nav(has_map: bool) -> str:
+    map_link = '<a href="map.html">map</a>' if has_map else ""
+    return f'<nav class="bar"><a href="index.html">Lexica atlas</a>{map_link}<span id="dictionary"></span></nav>'
+
+
+def _index_page(name: str, has_map: bool) -> str:
+    body = (f'{_nav(has_map)}<main><h1 id="title"></h1><p class="summary" id="facts"></p>'
+            '<div class="controls"><input id="search" type="search" autocomplete="off" spellcheck="false" '
+            'placeholder="Search: feature id, token or context word (prefix)" aria-label="search features">'
+            '<span id="status" role="status"></span></div>'
+            '<table id="features"><thead><tr><th>feature</th><th>density</th><th>max act.</th>'
+            '<th>top tokens</th><th>matched</th><th>cluster</th></tr></thead><tbody></tbody></table>'
+            '<div class="pager"><button id="previous" type="button">← previous</button><span id="page"></span>'
+            '<button id="next" type="button">next →</button></div></main>')
+    return _page(f"{name} · Lexica atlas", "index-page", body, ("assets/index.js",))
+
+
+def _feature_page(name: str, has_map: bool) -> str:
+    body = (f'{_nav(has_map)}<main id="feature"><p class="empty" id="loading">Loading…</p></main>')
+    return _page(f"Feature · {name} · Lexica atlas", "feature-page", body, ("assets/feature.js",))
+
+
+def _map_page(name: str) -> str:
+    body = ('<nav class="bar"><a href="index.html">index</a><span class="hint">decoder directions in 2-D, coloured '
+            'by cluster; scroll to zoom, drag to pan, click a point to open its feature</span>'
+            '<button id="reset" type="button">reset view</button></nav>'
+            '<div id="stage"><canvas id="map"></canvas><div id="tooltip" hidden></div></div>')
+    return _page(f"Map · {name} · Lexica atlas", "map-page", body, ("assets/map.js",))
+
+
 def build_site(analysis_folder_url: str, storage_options: dict | None = None) -> str:
     """Write ``<analysis folder>/site/`` from the atlas tables; returns the URL (or path) of its index.html.
 
@@ -453,24 +423,25 @@ def build_site(analysis_folder_url: str, storage_options: dict | None = None) ->
     either the previous site or the finished new one. On object storage (no rename) the old site is
     removed first and ``index.html`` is written last: a site without it is one still being built.
     """
-    tables = _Tables(analysis_folder_url, storage_options)
-    edges = [float(edge) for edge in tables.summary.get("histogram_edges") or atlas.HISTOGRAM_EDGES]
-    has_map = tables.map is not None
+    summary = atlas.read_summary(analysis_folder_url, storage_options)
     fs, analysis_folder = storage.url_to_fs(analysis_folder_url, storage_options)
+    for name in ("features", "contexts"):
+        if not storage.exists(fs, storage.join(analysis_folder, f"{name}.parquet")):
+            raise atlas.AtlasMissingError(f"{analysis_folder_url} has no {name}.parquet; run `lexica analysis "
+                                          "features` first")
     final_folder = storage.join(analysis_folder, SITE_FOLDER)
     local = storage.is_local(fs)
     build_folder = storage.join(analysis_folder, f".site-build-{uuid.uuid4().hex[:8]}") if local else final_folder
     if not local and storage.exists(fs, final_folder):
         fs.rm(final_folder, recursive=True)
     if local:
-        fs.makedirs(storage.join(build_folder, "features"), exist_ok=True)
-        fs.makedirs(storage.join(build_folder, "data"), exist_ok=True)
-        fs.makedirs(storage.join(build_folder, "assets"), exist_ok=True)
+        for sub in ("data/features", "data/summaries", "data/search", "assets"):
+            fs.makedirs(storage.join(build_folder, sub), exist_ok=True)
     try:
         writer = _Writer(fs, build_folder)
-        _write_pages(tables, edges, has_map, writer)
+        facts = _write_site(fs, analysis_folder, summary, writer)
         writer.flush()
-        writer.add("index.html", _index_page(tables.summary, len(tables.feature_ids), has_map))
+        writer.add("index.html", _index_page(str(summary.get("dictionary", "atlas")), facts["has_map"]))
         writer.flush()
     except BaseException:
         if local:
@@ -481,6 +452,94 @@ def build_site(analysis_folder_url: str, storage_options: dict | None = None) ->
     return storage.to_url(fs, storage.join(final_folder, "index.html"))
 
 
+def _optional_path(fs, folder: str, name: str) -> str | None:
+    path = storage.join(folder, f"{name}.parquet")
+    return path if storage.exists(fs, path) else None
+
+
+def _blocks(fs, path: str | None, columns: list[str], count: int):
+    if path is None:  # a table the atlas lacks: no rows for any block
+        return ((index, None) for index in range(-(-count // FEATURES_PER_CHUNK)))
+    return feature_blocks(fs, path, columns, FEATURES_PER_CHUNK, count)
+
+
+def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
+    for name in ASSET_FILES:
+        writer.add(f"assets/{name}", resources.files("lexica.analysis").joinpath("site_assets", name).read_bytes())
+    features = _Features(fs, folder)
+    count = features.count
+    chunks = -(-count // FEATURES_PER_CHUNK)
+    contexts_path = storage.join(folder, "contexts.parquet")
+    logits_path = _optional_path(fs, folder, "logits")
+    neighbours_path = _optional_path(fs, folder, "neighbours")
+    layout = _read_layout(fs, folder, count)
+    progress = Progress("site", 2 * chunks, "blocks")
+
+    # Pass 1: the vocabulary, top tokens and search words, block by block.
+    vocabulary = _Vocabulary()
+    words = WordIndex()
+    done = 0
+    context_columns = ["feature", "kind", "center", "token_ids", "tokens"]
+    for (_, contexts), (_, logits) in zip(feature_blocks(fs, contexts_path, context_columns, FEATURES_PER_CHUNK, count),
+                                          _blocks(fs, logits_path, LOGIT_COLUMNS, count), strict=True):
+        _first_pass(contexts, logits, features, vocabulary, words)
+        done += 1
+        progress.update(done, 0)  # tokens are counted as records are written
+    shard_count, shards = words.shards(features.density)
+    for shard, document in enumerate(shards):
+        writer.add(f"data/search/{shard}.js", data_script(f"search/{shard}", "json", packed_json(document)))
+    shards = None
+
+    for first in range(0, count, FEATURES_PER_SUMMARY):
+        last = min(first + FEATURES_PER_SUMMARY, count)
+        document = {"first": first, "present": features.present[first:last].astype(int).tolist(),
+                    "d": significant(features.density[first:last], 3),
+                    "mx": significant(features.max_activation[first:last], 3),
+                    "top": [[int(t) for t in row if t >= 0] for row in features.top_tokens[first:last]],
+                    "cl": layout["cluster"][first:last].tolist() if layout is not None else None}
+        writer.add(f"data/summaries/{first // FEATURES_PER_SUMMARY}.js",
+                   data_script(f"summaries/{first // FEATURES_PER_SUMMARY}", "json", packed_json(document)))
+
+    # Pass 2: feature records, compressed on two threads (zlib lets go of the GIL).
+    builder = _ChunkBuilder(features, layout, vocabulary)
+    tokens = 0
+    context_columns = ["feature", "kind", "rank", "band", "activation", "doc_id", "position", "token_ids", "values",
+                       "center"]
+    blocks = zip(feature_blocks(fs, storage.join(folder, "features.parquet"), ["feature", "histogram"],
+                                FEATURES_PER_CHUNK, count),
+                 feature_blocks(fs, contexts_path, context_columns, FEATURES_PER_CHUNK, count),
+                 _blocks(fs, logits_path, [name for name in LOGIT_COLUMNS if not name.endswith("_tokens")], count),
+                 _blocks(fs, neighbours_path, ["feature", "neighbours", "cosines"], count), strict=True)
+    with ThreadPoolExecutor(COMPRESSION_THREADS) as pool:
+        for (chunk, histograms), (_, contexts), (_, logits), (_, neighbours) in blocks:
+            records = builder.records(chunk * FEATURES_PER_CHUNK, histograms, contexts, logits, neighbours)
+            packed_records = list(pool.map(lambda record: packed(record) if record else "", records, chunksize=64))
+            writer.add(f"data/features/{chunk}.js", data_script(f"features/{chunk}", "bin[]", packed_records))
+            tokens += len(flat_values(contexts["token_ids"]))
+            progress.update(chunks + chunk + 1, tokens)
+    progress.update(2 * chunks, tokens, final=True)
+    writer.add("data/vocab.js", data_script("vocab", "json", packed_json(vocabulary.document())))
+
+    has_map = layout is not None and bool(layout["mapped"].any())
+    map_facts = None
+    if has_map:
+        map_script, map_facts = _map_file(layout)
+        writer.add("data/map.js", map_script)
+        writer.add("map.html", _map_page(str(summary.get("dictionary", "atlas"))))
+    name = str(summary.get("dictionary", "atlas"))
+    writer.add("feature.html", _feature_page(name, has_map))
+    meta = {"dictionary": name, "facts": _facts(summary), "features": count,
+            "present": int(features.present.sum()), "per_chunk": FEATURES_PER_CHUNK,
+            "per_summary": FEATURES_PER_SUMMARY, "search_shards": shard_count,
+            "postings_per_word": POSTINGS_PER_WORD,
+            "histogram_edges": [float(edge) for edge in summary.get("histogram_edges") or atlas.HISTOGRAM_EDGES],
+            "has_logits": logits_path is not None, "has_neighbours": neighbours_path is not None,
+            "has_map": has_map, "map": map_facts, "levels": 255,
+            "id_bytes": 2 if vocabulary.id_type == "<u2" else 4}
+    writer.add("data/meta.js", data_script("meta", "json", packed_json(meta)))
+    return meta
+
+
 def _swap_into_place(build_folder: str, final_folder: str) -> None:
     retired = None
     if os.path.exists(final_folder):
@@ -489,52 +548,3 @@ def _swap_into_place(build_folder: str, final_folder: str) -> None:
     os.replace(build_folder, final_folder)
     if retired:
         shutil.rmtree(retired, ignore_errors=True)
-
-
-def _write_pages(tables: _Tables, edges: list[float], has_map: bool, writer: _Writer) -> None:
-    for name in ASSET_FILES:
-        writer.add(f"assets/{name}", resources.files("lexica.analysis").joinpath("site_assets", name).read_bytes())
-
-    contexts = tables.contexts
-    top_contexts = contexts.filter(pc.equal(contexts["order"], 0))
-    top_tokens, search_words = index_words(top_contexts, tables.feature_ids)
-    logits = tables.logits or {}
-    promoted = [[display_token(token or "") for token in logits[int(f)]["promoted_tokens"][:INDEX_TOKENS]]
-                if int(f) in logits else [] for f in tables.feature_ids]
-    clusters = ([int(tables.map[int(f)]["cluster"]) if int(f) in tables.map else None for f in tables.feature_ids]
-                if has_map else None)
-    search = ["\n".join(dict.fromkeys([str(int(f)), *(w.lower() for w in top), *(w.lower() for w in logit),
-                                       *words]))
-              for f, top, logit, words in zip(tables.feature_ids, top_tokens, promoted, search_words,
-                                                  strict=True)]
-    writer.add("data/index.js", _data_script("LEXICA_INDEX", {
-        "feature": [int(f) for f in tables.feature_ids], "density": _rounded(tables.density),
-        "max": _rounded(tables.max_activation), "top": top_tokens, "promoted": promoted if tables.logits else None,
-        "cluster": clusters, "search": search,
-    }))
-    if has_map:
-        rows = list(tables.map.values())
-        writer.add("data/map.js", _data_script("LEXICA_MAP", {
-            "feature": [int(row["feature"]) for row in rows],
-            "x": [round(float(row["x"]), 4) for row in rows], "y": [round(float(row["y"]), 4) for row in rows],
-            "cluster": [int(row["cluster"]) for row in rows],
-            "top": [top_tokens[tables.position[row["feature"]]][:3] if row["feature"] in tables.position else []
-                    for row in rows],
-        }))
-        writer.add("map.html", _map_page(tables.summary))
-
-    pages = _FeaturePages(tables, top_tokens, edges, has_map)
-    starts, stops = _group_starts(tables.context_features, tables.feature_ids)
-    for first in range(0, len(tables.feature_ids), FEATURES_PER_BATCH):
-        last = min(first + FEATURES_PER_BATCH, len(tables.feature_ids))
-        row_start, row_stop = int(starts[first]), int(stops[last - 1])
-        block = contexts.slice(row_start, row_stop - row_start)
-        block_features = block["feature"].to_numpy()
-        known = np.clip(np.searchsorted(tables.feature_ids, block_features), 0, len(tables.feature_ids) - 1)
-        items = context_items_html(block, tables.max_activation[known])
-        kinds, bands = block["order"].to_numpy(), block["band"].to_numpy()
-        activations = block["activation"].to_numpy()
-        for row in range(first, last):
-            begin, end = int(starts[row]) - row_start, int(stops[row]) - row_start
-            page = pages.page(row, items[begin:end], kinds[begin:end], bands[begin:end], activations[begin:end])
-            writer.add(f"features/{int(tables.feature_ids[row])}.html", page)

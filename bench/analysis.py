@@ -11,10 +11,12 @@ statistics: the same store tokens, counted three ways, interleaved in ``--repeat
 
 Prints tokens/s (median and best round) and the ratio to (a) (target: (b) >= 0.8), and checks
 that (b) and (c) give identical statistics. Defaults: the demo run's store and TopK dictionary.
-site: wall time of ``analysis.site.build_site`` for a synthetic 16,384-feature atlas
-(``bench/site_build.py``, which also runs on its own).
+site: the feature browser built from synthetic atlases of 2^16, 2^18 and 2^20 features: build time,
+bytes per feature, files, peak memory, and in Chromium the time to open a feature page and to run a
+search (``bench/site_build.py``, which also runs on its own).
 
 Usage: python bench/analysis.py [--repeats 3] [--workers 2] [--max-tokens N] [--only statistics,site]
+       [--site-features 65536,262144,1048576]
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="count only the first N store tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for (a) and (b)")
     parser.add_argument("--only", default="statistics,site", help="comma list of sections: statistics, site")
-    parser.add_argument("--site-features", type=int, default=16384, help="features of the site-build section")
+    parser.add_argument("--site-features", default="65536,262144,1048576", help="widths of the site section")
     args = parser.parse_args()
     only = {part.strip() for part in args.only.split(",") if part.strip()}
     torch.set_num_threads(args.threads)
@@ -124,7 +126,7 @@ def main() -> None:
     if "statistics" in only:
         measure_statistics(args, store, dictionary)
 
-    # ---- section 2: wall time to build the HTML site of a synthetic atlas (bench/site_build.py)
+    # ---- section 2: the feature browser of synthetic atlases at three widths (bench/site_build.py)
     if "site" in only:
         import importlib.util
 
@@ -133,7 +135,7 @@ def main() -> None:
         site_build = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(site_build)
         print(flush=True)
-        site_build.main(["--features", str(args.site_features)])
+        site_build.main(["--features", args.site_features])
 
     # Another busy process on a small machine distorts 2-thread ATen ops badly.
     print(f"\nload average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} "

@@ -29,21 +29,16 @@ def screenshot(site_dir: Path, out: Path, page: str = "index", feature: int | No
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium found; set LEXICA_CHROMIUM or install it (make browser)")
-    if page == "feature":
-        if feature is None:
-            feature = min(int(path.stem) for path in (site_dir / "features").glob("*.html"))
-        target = site_dir / "features" / f"{feature}.html"
-    else:
-        target = site_dir / f"{page}.html"
+    target = site_dir / f"{page}.html"
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist (is {site_dir} a built site folder?)")
+    url = target.resolve().as_uri() + (f"#{feature or 0}" if page == "feature" else "")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             view = browser.new_page(viewport={"width": width, "height": height})
-            view.goto(target.resolve().as_uri())
-            if page in ("index", "map"):
-                view.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            view.goto(url)
+            view.wait_for_selector("body[data-ready='1']", timeout=15_000)
             out.parent.mkdir(parents=True, exist_ok=True)
             view.screenshot(path=str(out), full_page=full_page)
         finally:

@@ -13,6 +13,7 @@ from test_train_evaluate import harvest_trained_tiny_model
 from test_train_topk import mean_max_cosine
 
 import lexica
+from lexica.analysis.site_data import read_data_file
 from lexica.analysis.steering import clamped_logits
 from lexica.cli import main
 from lexica.errors import ConfigError
@@ -193,4 +194,5 @@ def test_the_atlas_of_a_transcoder(harvested_pair, trained_transcoder, capsys):
     summary = json.loads((folder / "summary.json").read_text())
     assert (summary["hook"], summary["target_hook"]) == ("mlp_in.2", "mlp_out.2")
     assert pq.read_table(folder / "features.parquet").num_rows == summary["d_sae"]
-    assert "target_hook <b>mlp_out.2</b>" in (folder / "site" / "index.html").read_text()
+    _, meta = read_data_file((folder / "site" / "data" / "meta.js").read_text())
+    assert ["target_hook", "mlp_out.2"] in meta["facts"]

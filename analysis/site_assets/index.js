@@ -1,126 +1,110 @@
-// The feature index: filters, sorts and pages the table from window.LEXICA_INDEX (data/index.js).
-// Data reach the page only through textContent and element properties, never through HTML parsing.
+// The index: every feature by id, a page at a time, and search by feature id, token or context word.
+// A query loads one search shard; a page of results loads the summaries of the features it shows.
 "use strict";
-(function () {
-  const data = window.LEXICA_INDEX;
-  const PAGE_SIZE = 100;
+(async function () {
+  const { element, chips, number, summary, searchWords, vocab } = window.lexica;
+  // A page of results loads up to this many summary files (~30 KB each at 2^20 features) besides its shard.
+  const PAGE_SIZE = 50;
   const tbody = document.querySelector("#features tbody");
   const search = document.getElementById("search");
   const status = document.getElementById("status");
   const pageLabel = document.getElementById("page");
   const previous = document.getElementById("previous");
   const next = document.getElementById("next");
-  const count = data.feature.length;
-  const rowOf = new Map(data.feature.map((feature, row) => [feature, row]));
-  let matches = [...Array(count).keys()];
-  let sortKey = "feature";
-  let ascending = true;
+  const meta = await window.lexica.header();
+  document.getElementById("title").textContent = meta.dictionary;
+  const facts = document.getElementById("facts");
+  facts.appendChild(document.createTextNode(meta.present.toLocaleString("en") + " features"));
+  for (const [key, value] of meta.facts) {
+    facts.appendChild(document.createTextNode(" · " + key + " "));
+    facts.appendChild(element("b", "", value));
+  }
+  const strings = await vocab();
+
+  // The rows on show: a list of {feature, word}, or null for "every feature by id".
+  let results = null;
+  let truncated = false;
   let page = 0;
+  let generation = 0;  // a newer query or page abandons the rendering of an older one
 
-  function tokenChips(tokens) {
-    const cell = document.createElement("td");
-    for (const token of tokens || []) {
-      const chip = document.createElement("span");
-      chip.className = "tok";
-      chip.textContent = token;
-      cell.appendChild(chip);
-    }
-    return cell;
+  function featuresOnPage() {
+    if (results) return results.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE);
+    const rows = [];
+    for (let feature = page * PAGE_SIZE; feature < Math.min(meta.features, (page + 1) * PAGE_SIZE); feature++) rows.push({ feature, word: "" });
+    return rows;
   }
 
-  function textCell(text) {
-    const cell = document.createElement("td");
-    cell.textContent = text;
-    return cell;
-  }
-
-  function render() {
-    const pages = Math.max(1, Math.ceil(matches.length / PAGE_SIZE));
+  async function render() {
+    const mine = ++generation;
+    const count = results ? results.length : meta.features;
+    const pages = Math.max(1, Math.ceil(count / PAGE_SIZE));
     page = Math.min(page, pages - 1);
+    const shown = featuresOnPage();
+    const summaries = await Promise.all(shown.map((row) => summary(row.feature)));
+    if (mine !== generation) return;
     const rows = document.createDocumentFragment();
-    for (const row of matches.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)) {
-      const feature = Number(data.feature[row]);
-      const tr = document.createElement("tr");
-      tr.dataset.feature = String(feature);
-      const idCell = document.createElement("td");
-      const link = document.createElement("a");
-      link.href = "features/" + feature + ".html";
-      link.textContent = String(feature);
+    shown.forEach((row, i) => {
+      const facts = summaries[i];
+      if (!facts) return;  // an id the atlas does not hold
+      const tr = element("tr");
+      tr.dataset.feature = String(row.feature);
+      const idCell = element("td");
+      const link = element("a", "", String(row.feature));
+      link.href = "feature.html#" + row.feature;
       idCell.appendChild(link);
       tr.appendChild(idCell);
-      const density = Number(data.density[row]);
-      tr.appendChild(textCell(density > 0 && density < 1e-3 ? density.toExponential(2) : density.toPrecision(3)));
-      tr.appendChild(textCell(Number(data.max[row]).toPrecision(4)));
-      tr.appendChild(tokenChips(data.top[row]));
-      tr.appendChild(tokenChips(data.promoted ? data.promoted[row] : []));
-      tr.appendChild(textCell(data.cluster && data.cluster[row] !== null ? String(data.cluster[row]) : ""));
+      tr.appendChild(element("td", "", number(facts.density, 3)));
+      tr.appendChild(element("td", "", number(facts.max, 4)));
+      const tokens = element("td");
+      tokens.appendChild(chips(strings, facts.top));
+      tr.appendChild(tokens);
+      tr.appendChild(element("td", "", row.word));
+      tr.appendChild(element("td", "", facts.cluster === null ? "" : String(facts.cluster)));
       rows.appendChild(tr);
-    }
+    });
     tbody.replaceChildren(rows);
-    status.textContent = matches.length === count ? count + " features" : matches.length + " of " + count + " features";
+    if (!results) status.textContent = meta.present.toLocaleString("en") + " features";
+    else {
+      const capped = truncated ? " (a word matched more; the index keeps the strongest " + meta.postings_per_word.toLocaleString("en") + " per word)" : "";
+      status.textContent = results.length.toLocaleString("en") + " matching features" + capped;
+    }
     pageLabel.textContent = "page " + (page + 1) + " of " + pages;
+    document.body.dataset.query = results ? search.value.trim() : "";  // what the table shows (tests wait on it)
     previous.disabled = page === 0;
     next.disabled = page >= pages - 1;
+    document.body.dataset.ready = "1";
   }
 
-  function sortValue(row) {
-    if (sortKey === "cluster") return data.cluster ? data.cluster[row] ?? -1 : 0;
-    return data[sortKey][row];
-  }
-
-  function sortMatches() {
-    const direction = ascending ? 1 : -1;
-    matches.sort((a, b) => (sortValue(a) - sortValue(b)) * direction || data.feature[a] - data.feature[b]);
-  }
-
-  // A query matches a feature's id exactly, or is a substring of one of its words (top tokens,
-  // promoted logit tokens, words near its top examples; all lower case, one per line).
-  function applySearch() {
-    const query = search.value.trim().toLowerCase();
+  async function applySearch() {
+    const query = search.value.trim();
     history.replaceState(null, "", query ? "#q=" + encodeURIComponent(query) : location.pathname);
-    if (!query) {
-      matches = [...Array(count).keys()];
-      sortMatches();
-    } else {
-      const byId = /^#?\d+$/.test(query) ? rowOf.get(Number(query.replace("#", ""))) : undefined;
-      matches = [];
-      for (let row = 0; row < count; row++) {
-        if (row !== byId && data.search[row].includes(query)) matches.push(row);
-      }
-      sortMatches();
-      if (byId !== undefined) matches.unshift(byId);
-    }
     page = 0;
-    render();
+    if (!query) { results = null; return render(); }
+    const found = await searchWords(query);
+    let matches = found.matches;
+    truncated = found.truncated;
+    if (/^#?\d+$/.test(query)) {  // a feature id: that feature first
+      const feature = Number(query.replace("#", ""));
+      if (await summary(feature)) {
+        matches = [{ feature, word: "feature id" }, ...matches.filter((row) => row.feature !== feature)];
+      }
+    }
+    if (query !== search.value.trim()) return;  // typed on meanwhile
+    results = matches;
+    return render();
   }
 
-  for (const header of document.querySelectorAll("th[data-sort]")) {
-    header.addEventListener("click", () => {
-      const key = header.dataset.sort;
-      if (key === "cluster" && !data.cluster) return;
-      ascending = key === sortKey ? !ascending : key === "feature";
-      sortKey = key;
-      for (const other of document.querySelectorAll("th[data-sort]")) other.removeAttribute("aria-sort");
-      header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
-      sortMatches();
-      page = 0;
-      render();
-    });
-  }
   previous.addEventListener("click", () => { page -= 1; render(); });
   next.addEventListener("click", () => { page += 1; render(); });
   let pending = 0;
-  search.addEventListener("input", () => { clearTimeout(pending); pending = setTimeout(applySearch, 120); });
-  search.addEventListener("keydown", (event) => {
-    if (event.key === "Enter") {
-      clearTimeout(pending);
-      applySearch();
-      if (matches.length === 1) location.href = "features/" + Number(data.feature[matches[0]]) + ".html";
-    }
+  search.addEventListener("input", () => { clearTimeout(pending); pending = setTimeout(applySearch, 150); });
+  search.addEventListener("keydown", async (event) => {
+    if (event.key !== "Enter") return;
+    clearTimeout(pending);
+    await applySearch();
+    if (results && results.length === 1) location.href = "feature.html#" + results[0].feature;
   });
-
   const initial = location.hash.startsWith("#q=") ? decodeURIComponent(location.hash.slice(3)) : "";
   search.value = initial;
   if (initial) applySearch(); else render();
-  document.body.dataset.ready = "1";
 })();
