@@ -1,8 +1,10 @@
-"""``lexica browse``: serve a run's feature-atlas site over HTTP on this machine.
+"""``lexica browse``: serve a run's feature-atlas site over HTTP on this machine, and talk to its model.
 
-The site also works opened straight from disk (``file://``); serving it is for remote shells and
-for browsers that restrict local files. Only the site folder is served, on loopback unless
-``--host`` says otherwise.
+The site also works opened straight from disk (``file://``). Served, and with the run's model
+loaded (``analysis.live``), its pages add *test your text* and *steer*. Only the site folder and
+the ``/api/`` routes are served, on loopback unless ``--host`` says otherwise; every request's
+Host header must name this server (a page on another site cannot reach it through DNS
+rebinding), and a POST from a page of another origin is refused.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import ipaddress
+import json
 import shutil
 import sys
 import tempfile
@@ -28,8 +31,14 @@ class BrowseError(LexicaError, ValueError):
     """The site to browse cannot be found or served (message says what to do)."""
 
 
+MAX_BODY_BYTES = 65536
+
+
 class _SiteHandler(SimpleHTTPRequestHandler):
-    """Files of one folder; no request log on stderr (the command prints its own URL)."""
+    """Files of one folder plus the model routes; no request log on stderr (the command prints its own URL)."""
+
+    live = None  # analysis.live.LiveModel, or None: the site alone
+    allowed_hosts: frozenset[str] = frozenset()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -39,21 +48,121 @@ class _SiteHandler(SimpleHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         super().end_headers()
 
+    def _answer(self, status: int, document: dict) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-def serve(site_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """Serve ``site_dir`` from a background thread; port 0 picks a free port. Returns the server and its URL.
+    def _host_allowed(self) -> bool:
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host in self.allowed_hosts:
+            return True
+        self._answer(403, {"error": f"Host {host!r} is not this server's address; requests that name it "
+                                    "otherwise are refused (DNS rebinding)"})
+        return False
 
-    Stop it with ``server.shutdown(); server.server_close()``.
+    def do_GET(self) -> None:
+        if not self._host_allowed():
+            return
+        if self.path.split("?")[0] == "/api/status":
+            self._answer(200, {"live": self.live.status() if self.live is not None else None})
+            return
+        super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if self._host_allowed():
+            super().do_HEAD()
+
+    def do_POST(self) -> None:
+        from lexica.analysis.live import RequestError
+
+        if not self._host_allowed():
+            return
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower().removeprefix("http://") not in self.allowed_hosts:
+            self._answer(403, {"error": f"a page from {origin} may not use this server's model"})
+            return
+        route = self.path.split("?")[0]
+        if route not in ("/api/tokens", "/api/steer"):
+            self._answer(404, {"error": f"no route {route}; POST /api/tokens or /api/steer"})
+            return
+        if self.live is None:
+            self._answer(503, {"error": "this server has no model loaded: start `lexica browse` where the run's "
+                                        "model can be loaded (without --no-model)"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_BODY_BYTES:
+            self._answer(413 if length > MAX_BODY_BYTES else 400,
+                         {"error": f"a request body of 1 to {MAX_BODY_BYTES:,} bytes of JSON is expected"})
+            return
+        try:
+            request = json.loads(self.rfile.read(length))
+            if not isinstance(request, dict):
+                raise RequestError("the request body must be a JSON object")
+            if route == "/api/tokens":
+                answer = self.live.tokens(request.get("text"), _feature(request.get("feature"), optional=True))
+            else:
+                new_tokens = request.get("max_new_tokens", min(24, self.live.limits.max_new_tokens))
+                answer = self.live.steer(_feature(request.get("feature")), request.get("value", "2x"),
+                                         request.get("prompt"), _count(new_tokens))
+        except json.JSONDecodeError as error:
+            self._answer(400, {"error": f"the request body is not JSON: {error}"})
+        except RequestError as error:
+            self._answer(error.status, {"error": str(error)})
+        except LexicaError as error:
+            self._answer(400, {"error": str(error)})
+        else:
+            self._answer(200, answer)
+
+
+def _feature(value: object, optional: bool = False) -> int | None:
+    from lexica.analysis.live import RequestError
+
+    if optional and value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"feature = {value!r}; a feature id (an integer) is expected") from None
+
+
+def _count(value: object) -> int:
+    from lexica.analysis.live import RequestError
+
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"max_new_tokens = {value!r}; an integer is expected") from None
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """Host header values naming this server: its own address, and the loopback names when it listens there."""
+    names = {f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if is_loopback(host) or host in ("0.0.0.0", "::", ""):
+        names |= {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    return frozenset(name.lower() for name in names)
+
+
+def serve(site_dir: str | Path, host: str = "127.0.0.1", port: int = 0, live=None) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``site_dir`` (and, with ``live``, its model routes) from a background thread; port 0 picks
+    a free port. Returns the server and its URL. Stop it with ``server.shutdown(); server.server_close()``.
     """
     folder = Path(site_dir).resolve()
     if not (folder / "index.html").is_file():
         raise BrowseError(f"{folder} has no index.html; build the site first (lexica analysis features)")
-    handler = functools.partial(_SiteHandler, directory=str(folder))
-    server = ThreadingHTTPServer((host, port), handler)
+    handler = type("SiteHandler", (_SiteHandler,), {"live": live})
+    server = ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(folder)))
     server.daemon_threads = True
+    bound_host, bound_port = server.server_address[:2]
+    handler.allowed_hosts = allowed_hosts(str(bound_host), int(bound_port))
     thread = threading.Thread(target=server.serve_forever, name="lexica-browse", daemon=True)
     thread.start()
-    bound_host, bound_port = server.server_address[:2]
     shown_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
     return server, f"http://{shown_host}:{bound_port}/index.html"
 
@@ -82,6 +191,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--open", action="store_true", help="open the index in a web browser")
     parser.add_argument("--print-path", action="store_true",
                         help="print the site's index.html path and exit without serving")
+    parser.add_argument("--no-model", action="store_true",
+                        help="serve the site alone, without loading the run's model (no test-your-text or steering)")
+    parser.add_argument("--device", default="auto", help="device of the model: auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--max-text", type=int, default=2000, help="longest text or prompt accepted, in characters")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens one steering request generates")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a steering request may generate for before it is cut short")
     return parser
 
 
@@ -105,6 +221,19 @@ def _local_copy(site_url: str, storage_options: dict | None) -> Path:
     return folder
 
 
+def load_live(args: argparse.Namespace):
+    """The run's model for the pages' model routes, or None (with the reason on stderr) when it cannot load."""
+    from lexica.analysis.live import LiveLimits, LiveModel
+
+    limits = LiveLimits(max_text_chars=args.max_text, max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
+    print("loading the run's model for test-your-text and steering (--no-model skips this)...", file=sys.stderr)
+    try:
+        return LiveModel(args.run, args.dictionary, args.device, limits)
+    except (LexicaError, OSError) as error:
+        print(f"warning: serving the site without a model: {error}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str]) -> int:
     """Run the browse command; ``argv`` is what follows ``browse`` on the command line."""
     copied: Path | None = None
@@ -124,15 +253,23 @@ def main(argv: list[str]) -> int:
         if not is_loopback(args.host):
             print(f"warning: serving on {args.host} makes the site reachable from other machines on the network",
                   file=sys.stderr)
+        for name, value in (("--max-text", args.max_text), ("--max-new-tokens", args.max_new_tokens),
+                            ("--timeout", args.timeout)):
+            if value <= 0:
+                raise BrowseError(f"{name} {value} must be positive")
+        live = None if args.no_model else load_live(args)
         try:
-            server, url = serve(site_dir, args.host, args.port)
+            server, url = serve(site_dir, args.host, args.port, live)
         except OSError as error:  # a busy port, an address this machine does not have
             raise BrowseError(f"cannot serve on {args.host}:{args.port}: {error.strerror or error}") from error
     except BaseException:
         if copied:
             shutil.rmtree(copied, ignore_errors=True)
         raise
-    print(f"serving {site_dir}\n  {url}\n  {index_path.as_uri()} (opens without a server too)\nCtrl-C stops.")
+    print(f"serving {site_dir}\n  {url}\n  {index_path.as_uri()} (opens without a server too)")
+    if live is not None:
+        print(f"  with model {live.loaded.model_path}: test your text on the index, steer on feature pages")
+    print("Ctrl-C stops.")
     if args.open:
         webbrowser.open(url)
     try:

@@ -32,8 +32,17 @@ class AnalysisConfig:
     logit_tokens: int = knob(10, "promoted and suppressed output tokens kept per feature")
     neighbours: int = knob(10, "nearest features by decoder cosine kept per feature (0: no neighbour search; the "
                                "map needs it)")
-    exact_neighbours_up_to: int = knob(32768, "exact neighbour search up to this many features, approximate beyond")
-    map: bool = knob(True, "compute the 2-D UMAP map and clusters")
+    exact_neighbours_up_to: int = knob(32768, "exact neighbour search up to this many features (at any width on a "
+                                              "GPU); beyond, FAISS inverted-file search")
+    neighbour_recall: float = knob(0.95, "recall the approximate search probes more cells to reach (measured on a "
+                                         "sample against exact search)")
+    neighbour_budget_s: float = knob(600.0, "seconds the approximate search may take; it stops probing more cells "
+                                            "before the whole search would overrun this")
+    map: bool = knob(True, "compute the 2-D map and clusters")
+    map_neighbours: int = knob(15, "UMAP's n_neighbors")
+    map_min_dist: float = knob(0.1, "UMAP's min_dist")
+    map_sample: int = knob(32768, "UMAP lays out at most this many features; the others are placed among their "
+                                  "nearest sampled features")
     clusters: int | None = knob(None, "k-means clusters of decoder directions (default sqrt(features / 2))")
     site: bool = knob(True, "build the static HTML feature browser under site/")
     ray_address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
@@ -71,6 +80,11 @@ class AnalysisConfig:
              ">= 1 (0 skips the neighbour search, with map: false)"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", ">= 1 or null"),
             (self.clusters is None or self.clusters >= 1, "clusters", ">= 1 or null"),
+            (0 < self.neighbour_recall <= 1, "neighbour_recall", "in (0, 1]"),
+            (self.neighbour_budget_s > 0, "neighbour_budget_s", "> 0"),
+            (self.map_neighbours >= 2, "map_neighbours", ">= 2"),
+            (self.map_min_dist >= 0, "map_min_dist", ">= 0"),
+            (self.map_sample >= 16, "map_sample", ">= 16"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
 import torch
 
 from lexica.analysis import atlas, geometry
@@ -20,8 +21,6 @@ from lexica.models import load_tokenizer
 from lexica.run import Run
 
 log = logging.getLogger(__name__)
-
-UMAP_NEIGHBOURS = 15  # UMAP's default; the neighbour search serves both the table and the map
 
 
 def build_atlas(config: AnalysisConfig) -> dict:
@@ -65,18 +64,26 @@ def build_atlas(config: AnalysisConfig) -> dict:
     atlas.write_table(folder, "logits", logits, config.storage_options)
     readout = None  # the unembedding is the largest tensor here; free it before the map
 
-    exact, recall = None, None
+    exact, recall, quality = None, None, None
     if config.neighbours or config.map:
-        directions = geometry.unit_directions(module.W_dec.detach().cpu())
-        wanted = max(config.neighbours, UMAP_NEIGHBOURS - 1) if config.map else config.neighbours
-        neighbours, cosines, exact = timed("neighbours", lambda: geometry.find_neighbours(
-            directions, wanted, config.exact_neighbours_up_to))
-        recall = 1.0 if exact else round(geometry.estimated_recall(directions, neighbours[:, :config.neighbours]), 4)
+        # On the analysis device: a GPU searches exactly at any width.
+        directions = geometry.unit_directions(module.W_dec.detach())
+        wanted = max(config.neighbours, config.map_neighbours - 1) if config.map else config.neighbours
+        neighbours, cosines, exact, recall = timed("neighbours", lambda: geometry.find_neighbours(
+            directions, wanted, config.exact_neighbours_up_to, config.neighbour_recall, config.neighbour_budget_s))
+        recall = round(recall, 4)
         atlas.write_table(folder, "neighbours", geometry.neighbour_table(neighbours, cosines, config.neighbours),
                           config.storage_options)
     if config.map:
-        layout = timed("map", lambda: geometry.map_table(directions, config.clusters, known=(neighbours, cosines)))
+        directions = directions.cpu()
+        layout = timed("map", lambda: geometry.map_table(
+            directions, config.clusters, known=(neighbours, cosines), neighbours=config.map_neighbours,
+            min_dist=config.map_min_dist, sample=config.map_sample))
         atlas.write_table(folder, "map", layout, config.storage_options)
+        quality = timed("map quality", lambda: geometry.map_quality(
+            directions, np.stack([layout["x"].to_numpy(), layout["y"].to_numpy()], axis=1),
+            layout["cluster"].to_numpy()))
+        log.info("map: %s", quality)
 
     summary = {
         "dictionary": dictionary.name, "dictionary_url": dictionary.url, "architecture":
@@ -86,7 +93,7 @@ def build_atlas(config: AnalysisConfig) -> dict:
         # hook's store, logit effects and neighbours from its decoder (the target's space).
         "target_hook": dictionary.target_hook,
         "model": model.path, "tokens": int(statistics.tokens), "histogram_edges": atlas.HISTOGRAM_EDGES.tolist(),
-        "neighbours_exact": exact, "neighbours_recall": recall,
+        "neighbours_exact": exact, "neighbours_recall": recall, "map_quality": quality,
         "dead_features": int((features.column("fires").to_numpy() == 0).sum()),
         "config": {**dataclasses.asdict(config), "storage_options": None}, "timings": timings,
         "created_at": time.time(),

@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import textwrap
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class SteeringResult:
     steered_text: str
     seed: int
     temperature: float
+    stopped_early: bool = False  # a deadline ended a text before max_new_tokens (and before its end token)
     # Filled by steer_run: where the dictionary came from and how the values were written.
     dictionary: str | None = None
     hook: str | None = None
@@ -143,16 +145,21 @@ def next_token(logits: torch.Tensor, temperature: float, generator: torch.Genera
     return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
+def _stop_tokens(model: torch.nn.Module) -> set[int]:
+    eos = getattr(model.config, "eos_token_id", None)
+    return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
-             splice: Splice | None = None, skip_first: bool = False) -> list[int]:
+             splice: Splice | None = None, skip_first: bool = False, deadline: float | None = None) -> list[int]:
     """Tokens generated after ``ids`` with the KV cache; ``splice`` (if any) acts on every new
     position: the whole prompt on the first step (from position 1 with ``skip_first``), then
-    each generated token as it is fed back."""
+    each generated token as it is fed back. Past ``deadline`` (``time.monotonic()``) it stops
+    after the token in hand."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    eos = getattr(model.config, "eos_token_id", None)
-    stop = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+    stop = _stop_tokens(model)
     # transformers 5 renamed ``past_key_values`` to ``cache``; older releases know only the former.
     cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     inputs = torch.tensor([ids], dtype=torch.long, device=device)
@@ -166,7 +173,7 @@ def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, temper
             cache = output.past_key_values
         token = next_token(output.logits[0, -1], temperature, generator)
         generated.append(token)
-        if token in stop:
+        if token in stop or (deadline is not None and time.monotonic() > deadline):
             break
         inputs = torch.tensor([[token]], dtype=torch.long, device=device)
     return generated
@@ -196,7 +203,8 @@ def clamped_logits(model: torch.nn.Module, dictionary: torch.nn.Module, hook_nam
 
 def steer(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_name: str,
           interventions: dict[int, float], prompt: str, max_new_tokens: int = 40, seed: int = 0,
-          temperature: float = 0.0, skip_first: bool = False, target_hook: str | None = None) -> SteeringResult:
+          temperature: float = 0.0, skip_first: bool = False, target_hook: str | None = None,
+          deadline: float | None = None) -> SteeringResult:
     """Baseline and steered continuations of ``prompt`` (greedy at temperature 0, else sampled
     with the same seeded stream for both).
 
@@ -214,17 +222,22 @@ def steer(model: torch.nn.Module, tokenizer, dictionary: torch.nn.Module, hook_n
     check_length(model, len(ids), max_new_tokens)
     device = next(model.parameters()).device
     dictionary = dictionary.to(device)
-    baseline = generate(model, ids, max_new_tokens, temperature, seed)
+    # A deadline is shared: each text gets half of the time left.
+    halfway = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / 2
+    baseline = generate(model, ids, max_new_tokens, temperature, seed, deadline=halfway)
     splice, source = steering_splices(model, dictionary, hook_name, interventions, target_hook)
     with splice, source or contextlib.nullcontext():
-        steered = generate(model, ids, max_new_tokens, temperature, seed, splice, skip_first)
+        steered = generate(model, ids, max_new_tokens, temperature, seed, splice, skip_first, deadline=deadline)
+    stop = _stop_tokens(model)
+    stopped_early = any(len(tokens) < max_new_tokens and (not tokens or tokens[-1] not in stop)
+                        for tokens in (baseline, steered))
 
     def text(tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
     return SteeringResult(prompt=prompt, interventions=interventions, prompt_ids=ids, baseline_ids=baseline,
                           steered_ids=steered, baseline_text=text(baseline), steered_text=text(steered),
-                          seed=seed, temperature=temperature)
+                          seed=seed, temperature=temperature, stopped_early=stopped_early)
 
 
 # ---------------------------------------------------------------- values and the run

@@ -26,8 +26,8 @@ def clustered_directions(groups: int = 24, per_group: int = 20, d: int = 48, noi
 def test_exact_neighbours_equal_a_full_sort():
     W_dec = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
     directions = geometry.unit_directions(W_dec)
-    neighbours, cosines, exact = geometry.find_neighbours(directions, 7)
-    assert exact
+    neighbours, cosines, exact, recall = geometry.find_neighbours(directions, 7)
+    assert exact and recall == 1.0
     similarity = directions @ directions.T
     similarity.fill_diagonal_(-2)
     expected = similarity.argsort(dim=1, descending=True)[:, :7]
@@ -40,16 +40,27 @@ def test_exact_neighbours_equal_a_full_sort():
 
 def test_approximate_neighbours_find_planted_neighbourhoods():
     directions, _ = clustered_directions()
-    truth, _, _ = geometry.find_neighbours(directions, 10)
-    found, cosines, exact = geometry.find_neighbours(directions, 10, exact_up_to=100)
+    truth, _, _, _ = geometry.find_neighbours(directions, 10)
+    found, cosines, exact, recall = geometry.find_neighbours(directions, 10, exact_up_to=100)
     assert not exact
     assert (found >= 0).all() and not (found == torch.arange(len(found)).unsqueeze(1)).any()
-    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(truth, found, strict=True)])
+    overlap = geometry.overlap(truth.numpy(), found.numpy())
     assert overlap > 0.95
-    assert geometry.estimated_recall(directions, found) == pytest.approx(overlap, abs=0.05)
+    assert recall == pytest.approx(overlap, abs=0.05)  # the sampled recall it reports is the true one
     # Cosines reported are the true ones, most similar first.
     assert torch.allclose(cosines, (directions.unsqueeze(1) * directions[found]).sum(-1), atol=1e-5)
     assert (cosines[:, :-1] >= cosines[:, 1:]).all()
+
+
+def test_approximate_search_probes_until_its_recall_target_or_budget():
+    # Directions with no structure are the hardest case: few probed cells find few true neighbours.
+    directions = geometry.unit_directions(torch.randn(4000, 32, generator=torch.Generator().manual_seed(3)))
+    truth, _, _, _ = geometry.find_neighbours(directions, 10)
+    found, _, _, recall = geometry.find_neighbours(directions, 10, exact_up_to=100, recall_target=0.95)
+    assert recall >= 0.95 and geometry.overlap(truth.numpy(), found.numpy()) >= 0.93
+    _, _, _, hurried = geometry.find_neighbours(directions, 10, exact_up_to=100, recall_target=0.95,
+                                                budget_seconds=1e-6)
+    assert hurried < 0.9  # the budget stopped it at the first probe count, and it says what it reached
 
 
 def test_clusters_and_map_keep_planted_groups_together():
@@ -58,7 +69,7 @@ def test_clusters_and_map_keep_planted_groups_together():
     # Each planted group lands in one cluster (k-means on well-separated groups).
     for group in range(6):
         assert len(set(assignment[labels == group].tolist())) == 1
-    neighbours, cosines, _ = geometry.find_neighbours(directions, 14)
+    neighbours, cosines, _, _ = geometry.find_neighbours(directions, 14)
     table = geometry.map_table(directions, clusters=6, known=(neighbours, cosines))
     assert table.schema.equals(atlas.MAP_SCHEMA)
     xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
@@ -68,6 +79,20 @@ def test_clusters_and_map_keep_planted_groups_together():
     assert distances[same].mean() * 3 < distances[~same].mean()
     again = geometry.map_table(directions, clusters=6, known=(neighbours, cosines))
     assert again.equals(table)  # seeded: the same map every time
+    quality = geometry.map_quality(directions, xy, table.column("cluster").to_numpy())
+    assert quality["cluster_agreement"] > 0.95 and quality["cluster_chance"] < 0.2
+    assert quality["neighbours_kept"] > 0.3  # within a tight group the order of the 10 nearest is noise
+
+
+def test_a_sampled_map_places_the_rest_beside_their_group():
+    directions, labels = clustered_directions(groups=8, per_group=60)
+    table = geometry.map_table(directions, clusters=8, sample=160)  # a third laid out by UMAP, the rest placed
+    xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
+    assert np.isfinite(xy).all()
+    centres = np.stack([xy[labels.numpy() == group].mean(axis=0) for group in range(8)])
+    nearest_centre = np.linalg.norm(xy[:, None] - centres[None], axis=-1).argmin(axis=1)
+    assert (nearest_centre == labels.numpy()).mean() > 0.95
+    assert geometry.map_quality(directions, xy, table.column("cluster").to_numpy())["cluster_agreement"] > 0.9
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])

@@ -157,5 +157,24 @@
     return meta;
   }
 
-  window.lexica = { load, json, binary, vocab, featureRecord, summary, searchWords, shardOf, displayToken, element, chips, number, header };
+  // The model routes of `lexica browse`, when the page is served by it with a model: its status, else null.
+  async function live() {
+    if (!location.protocol.startsWith("http")) return null;
+    try {
+      const response = await fetch("api/status");
+      return response.ok ? (await response.json()).live : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  async function post(route, body) {
+    const response = await fetch("api/" + route, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    let answer = {};
+    try { answer = await response.json(); } catch (error) { /* an empty or non-JSON answer */ }
+    if (!response.ok) throw new Error(answer.error || response.status + " " + response.statusText);
+    return answer;
+  }
+
+  window.lexica = { live, post, load, json, binary, vocab, featureRecord, summary, searchWords, shardOf, displayToken, element, chips, number, header };
 })();

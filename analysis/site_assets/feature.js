@@ -174,9 +174,72 @@
       neighbours.appendChild(list);
       page.appendChild(neighbours);
     }
+    const model = await window.lexica.live();
+    if (model) page.appendChild(steerPanel(feature, model));
     main.replaceChildren(page);
     window.scrollTo(0, 0);
     document.body.dataset.ready = "1";
+  }
+
+  // Steering (served by `lexica browse` with the run's model): clamp this feature while the model
+  // continues a prompt, beside the unsteered continuation; the same as `lexica steer`.
+  function steerPanel(feature, model) {
+    const box = section("Steer");
+    const prompt = element("textarea");
+    prompt.id = "steer-prompt";
+    prompt.rows = 2;
+    prompt.maxLength = model.limits.max_text_chars;
+    prompt.placeholder = "A prompt for the model to continue";
+    const value = element("input");
+    value.id = "steer-value";
+    value.value = "2x";
+    value.size = 8;
+    const tokens = element("input");
+    tokens.id = "steer-tokens";
+    tokens.type = "number";
+    tokens.min = "1";
+    tokens.max = String(model.limits.max_new_tokens);
+    tokens.value = String(Math.min(24, model.limits.max_new_tokens));
+    const run = element("button", "", "Steer");
+    run.id = "steer-run";
+    run.type = "button";
+    const status = element("span", "", "");
+    status.id = "steer-status";
+    status.setAttribute("role", "status");
+    const controls = element("div", "controls");
+    const valueLabel = element("label", "", "value (a number, or a multiple of the max activation like 2x) ");
+    valueLabel.appendChild(value);
+    const tokensLabel = element("label", "", "new tokens ");
+    tokensLabel.appendChild(tokens);
+    for (const node of [valueLabel, tokensLabel, run, status]) controls.appendChild(node);
+    const results = element("div", "columns");
+    const baseline = element("div");
+    baseline.appendChild(element("h3", "", "baseline"));
+    const baselineText = element("pre", "generation");
+    baselineText.id = "steer-baseline";
+    baseline.appendChild(baselineText);
+    const steered = element("div");
+    steered.appendChild(element("h3", "", "steered"));
+    const steeredText = element("pre", "generation");
+    steeredText.id = "steer-steered";
+    steered.appendChild(steeredText);
+    results.appendChild(baseline);
+    results.appendChild(steered);
+    for (const node of [prompt, controls, results]) box.appendChild(node);
+    run.addEventListener("click", async () => {
+      status.textContent = "generating…";
+      document.body.dataset.steer = "busy";
+      try {
+        const answer = await window.lexica.post("steer", { feature, value: value.value.trim(), prompt: prompt.value, max_new_tokens: Number(tokens.value) });
+        baselineText.textContent = answer.prompt + answer.baseline;
+        steeredText.textContent = answer.prompt + answer.steered;
+        status.textContent = "feature " + feature + " clamped to " + number(answer.activation, 4) + (answer.stopped_early ? " · stopped at the time limit" : "");
+      } catch (error) {
+        status.textContent = error.message;
+      }
+      document.body.dataset.steer = "done";
+    });
+    return box;
   }
 
   window.addEventListener("hashchange", render);

@@ -104,6 +104,61 @@
     await applySearch();
     if (results && results.length === 1) location.href = "feature.html#" + results[0].feature;
   });
+  // Test your text (served by `lexica browse` with the run's model): each token with the features
+  // that fire on it; a highlighted feature marks the tokens it fires on.
+  const model = await window.lexica.live();
+  if (model) {
+    const panel = document.getElementById("live-text");
+    const text = document.getElementById("text");
+    const watch = document.getElementById("watch");
+    const textStatus = document.getElementById("text-status");
+    const tokensBox = document.getElementById("text-tokens");
+    const featuresBox = document.getElementById("token-features");
+    text.maxLength = model.limits.max_text_chars;
+    watch.max = String(model.d_sae - 1);
+    panel.hidden = false;
+    const showToken = (answer, index) => {
+      const list = element("ol", "token-features");
+      for (const [feature, activation] of answer.top[index]) {
+        const item = element("li");
+        const link = element("a", "", "feature " + feature);
+        link.href = "feature.html#" + feature;
+        item.appendChild(link);
+        item.appendChild(element("span", "num", number(activation, 4)));
+        list.appendChild(item);
+      }
+      const title = element("p", "", "token " + index + " ");
+      title.appendChild(element("span", "tok", window.lexica.displayToken(answer.tokens[index])));
+      featuresBox.replaceChildren(title, list);
+      for (const node of tokensBox.children) node.classList.toggle("chosen", Number(node.dataset.index) === index);
+    };
+    document.getElementById("analyse").addEventListener("click", async () => {
+      textStatus.textContent = "running the model…";
+      document.body.dataset.text = "busy";
+      try {
+        const answer = await window.lexica.post("tokens", { text: text.value, feature: watch.value === "" ? null : Number(watch.value) });
+        const line = document.createDocumentFragment();
+        answer.tokens.forEach((token, index) => {
+          const span = element("span", "", window.lexica.displayToken(token));
+          span.dataset.index = String(index);
+          if (answer.values && answer.values[index] > 0) {
+            span.classList.add("fires");
+            span.title = "feature " + answer.feature + ": " + number(answer.values[index], 4);
+          }
+          span.addEventListener("click", () => showToken(answer, index));
+          line.appendChild(span);
+        });
+        tokensBox.replaceChildren(line);
+        featuresBox.replaceChildren();
+        const fired = answer.values ? answer.values.filter((value) => value > 0).length : null;
+        textStatus.textContent = answer.tokens.length + " tokens" + (fired === null ? "" : "; feature " + answer.feature + " fires on " + fired) + " · click a token for its features";
+      } catch (error) {
+        textStatus.textContent = error.message;
+      }
+      document.body.dataset.text = "done";
+    });
+  }
+
   const initial = location.hash.startsWith("#q=") ? decodeURIComponent(location.hash.slice(3)) : "";
   search.value = initial;
   if (initial) applySearch(); else render();
