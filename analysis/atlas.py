@@ -56,6 +56,9 @@ NEIGHBOURS_SCHEMA = pa.schema([("feature", pa.int32()), ("neighbours", pa.list_(
                                ("cosines", pa.list_(pa.float32()))])
 MAP_SCHEMA = pa.schema([("feature", pa.int32()), ("x", pa.float32()), ("y", pa.float32()), ("cluster", pa.int32())])
 
+# Row groups of this many rows: the site reads tables a block of features at a time.
+ROW_GROUP_ROWS = 65536
+
 TABLES = {"features": FEATURES_SCHEMA, "contexts": CONTEXTS_SCHEMA, "logits": LOGITS_SCHEMA,
           "neighbours": NEIGHBOURS_SCHEMA, "map": MAP_SCHEMA}
 
@@ -78,8 +81,25 @@ def write_table(folder_url: str, name: str, table: pa.Table, storage_options: di
     fs.makedirs(folder, exist_ok=True)
     path = storage.join(folder, f"{name}.parquet")
     with storage.atomic_open(fs, path) as handle:
-        pq.write_table(table, handle, compression="zstd")
+        pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return path
+
+
+def write_table_in_parts(folder_url: str, name: str, tables, storage_options: dict | None = None) -> tuple[str, int]:
+    """Write one atlas table from an iterable of parts (each a row group or more), atomically as
+    :func:`write_table`; memory holds one part at a time. Returns the path and the rows written."""
+    schema = TABLES[name]
+    fs, folder = storage.url_to_fs(folder_url, storage_options)
+    fs.makedirs(folder, exist_ok=True)
+    path = storage.join(folder, f"{name}.parquet")
+    rows = 0
+    with storage.atomic_open(fs, path) as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+        for table in tables:
+            if not table.schema.equals(schema):
+                table = table.select(schema.names).cast(schema)
+            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            rows += table.num_rows
+    return path, rows
 
 
 def read_table(folder_url: str, name: str, storage_options: dict | None = None) -> pa.Table:

@@ -39,10 +39,12 @@ class AnalysisConfig:
     neighbour_budget_s: float = knob(600.0, "seconds the approximate search may take; it stops probing more cells "
                                             "before the whole search would overrun this")
     map: bool = knob(True, "compute the 2-D map and clusters")
-    map_neighbours: int = knob(15, "UMAP's n_neighbors")
+    map_method: str = knob("tsne", "tsne (openTSNE, cosine; keeps more decoder neighbours together) or umap")
+    map_perplexity: float = knob(30.0, "t-SNE's perplexity")
+    map_neighbours: int = knob(15, "UMAP's n_neighbors (the neighbour search finds this many for it)")
     map_min_dist: float = knob(0.1, "UMAP's min_dist")
-    map_sample: int = knob(32768, "UMAP lays out at most this many features; the others are placed among their "
-                                  "nearest sampled features")
+    map_sample: int = knob(32768, "the layout is made for at most this many features; the others are placed among "
+                                  "their nearest sampled features")
     clusters: int | None = knob(None, "k-means clusters of decoder directions (default sqrt(features / 2))")
     site: bool = knob(True, "build the static HTML feature browser under site/")
     ray_address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
@@ -82,6 +84,8 @@ class AnalysisConfig:
             (self.clusters is None or self.clusters >= 1, "clusters", ">= 1 or null"),
             (0 < self.neighbour_recall <= 1, "neighbour_recall", "in (0, 1]"),
             (self.neighbour_budget_s > 0, "neighbour_budget_s", "> 0"),
+            (self.map_method in ("tsne", "umap"), "map_method", "tsne or umap"),
+            (self.map_perplexity > 0, "map_perplexity", "> 0"),
             (self.map_neighbours >= 2, "map_neighbours", ">= 2"),
             (self.map_min_dist >= 0, "map_min_dist", ">= 0"),
             (self.map_sample >= 16, "map_sample", ">= 16"),

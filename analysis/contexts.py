@@ -9,6 +9,9 @@ once however many windows share it. Parts are independent: Ray tasks take one ea
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -20,6 +23,8 @@ from lexica.analysis.stats import dictionary_module, on_cpu
 from lexica.models import resolve_device
 from lexica.progress import Progress
 from lexica.store import ActivationStore, CommitRecord, table_activations
+
+log = logging.getLogger(__name__)
 
 EXAMPLE_COLUMNS = ("feature", "kind", "rank", "band", "activation", "doc_id", "position")
 
@@ -119,6 +124,39 @@ def windows_by_part(store: ActivationStore, examples: pa.Table,
                                   "lowest": positions[inside] - config.window_before,
                                   "highest": positions[inside] + config.window_after}))
     return work
+
+
+# Window tokens gathered in one pass over the store (~24 bytes each while gathered): more examples
+# than this are split into passes over groups of whole features, so memory stays bounded at any width.
+WINDOW_TOKENS_PER_PASS = 1 << 25
+
+
+def feature_groups(examples: pa.Table, window: int, tokens_per_pass: int = WINDOW_TOKENS_PER_PASS) -> list[slice]:
+    """Row ranges of ``examples`` (sorted by feature), each of whole features and at most
+    ``tokens_per_pass`` window tokens (or one feature's, if that is more)."""
+    per_pass = max(1, tokens_per_pass // max(window, 1))
+    features = examples.column("feature").to_numpy()
+    groups, start = [], 0
+    while start < len(features):
+        stop = min(start + per_pass, len(features))
+        if stop < len(features):  # end on a feature boundary: back to the first row of the cut feature
+            boundary = int(np.searchsorted(features, features[stop], side="left"))
+            stop = boundary if boundary > start else int(np.searchsorted(features, features[stop], side="right"))
+        groups.append(slice(start, stop))
+        start = stop
+    return groups
+
+
+def contexts_in_passes(store: ActivationStore, dictionary, examples: pa.Table, tokenizer, config: AnalysisConfig,
+                       tokens_per_pass: int = WINDOW_TOKENS_PER_PASS) -> Iterator[pa.Table]:
+    """:func:`build_contexts` a group of features at a time (``feature_groups``), each group's rows
+    as one table, in feature order; each group reads the store parts that hold its documents."""
+    window = config.window_before + config.window_after + 1
+    groups = feature_groups(examples, window, tokens_per_pass)
+    for number, rows in enumerate(groups):
+        if len(groups) > 1:
+            log.info("contexts: pass %d of %d (%d examples)", number + 1, len(groups), rows.stop - rows.start)
+        yield build_contexts(store, dictionary, examples.slice(rows.start, rows.stop - rows.start), tokenizer, config)
 
 
 def build_contexts(store: ActivationStore, dictionary, examples: pa.Table, tokenizer,

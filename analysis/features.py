@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def build_atlas(config: AnalysisConfig) -> dict:
-    from lexica.analysis.contexts import build_contexts
+    from lexica.analysis.contexts import contexts_in_passes
     from lexica.analysis.logits import load_readout, logit_effects
     from lexica.analysis.stats import compute_statistics
     from lexica.models import resolve_device
@@ -56,8 +56,10 @@ def build_atlas(config: AnalysisConfig) -> dict:
     features = statistics.features_table()
     atlas.write_table(folder, "features", features, config.storage_options)
     examples = statistics.examples_table(config.bands, config.per_band)
-    contexts = timed("contexts", lambda: build_contexts(store, module, examples, tokenizer, config))
-    atlas.write_table(folder, "contexts", contexts, config.storage_options)
+    # Contexts go to storage a group of features at a time: at 2^20 features they would not fit in memory.
+    timed("contexts", lambda: atlas.write_table_in_parts(
+        folder, "contexts", contexts_in_passes(store, module, examples, tokenizer, config), config.storage_options))
+    examples = None
 
     readout = timed("load model head", lambda: load_readout(model))
     logits = timed("logit effects", lambda: logit_effects(module.W_dec, readout, tokenizer, config.logit_tokens))
@@ -68,7 +70,8 @@ def build_atlas(config: AnalysisConfig) -> dict:
     if config.neighbours or config.map:
         # On the analysis device: a GPU searches exactly at any width.
         directions = geometry.unit_directions(module.W_dec.detach())
-        wanted = max(config.neighbours, config.map_neighbours - 1) if config.map else config.neighbours
+        wanted = (max(config.neighbours, config.map_neighbours - 1) if config.map and config.map_method == "umap"
+                  else config.neighbours)
         neighbours, cosines, exact, recall = timed("neighbours", lambda: geometry.find_neighbours(
             directions, wanted, config.exact_neighbours_up_to, config.neighbour_recall, config.neighbour_budget_s))
         recall = round(recall, 4)
@@ -78,7 +81,8 @@ def build_atlas(config: AnalysisConfig) -> dict:
         directions = directions.cpu()
         layout = timed("map", lambda: geometry.map_table(
             directions, config.clusters, known=(neighbours, cosines), neighbours=config.map_neighbours,
-            min_dist=config.map_min_dist, sample=config.map_sample))
+            min_dist=config.map_min_dist, sample=config.map_sample, method=config.map_method,
+            perplexity=config.map_perplexity))
         atlas.write_table(folder, "map", layout, config.storage_options)
         quality = timed("map quality", lambda: geometry.map_quality(
             directions, np.stack([layout["x"].to_numpy(), layout["y"].to_numpy()], axis=1),

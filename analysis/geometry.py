@@ -6,9 +6,11 @@ inverted-file index (k-means cells of the unit directions, inner product): it pr
 doubling, until the recall measured against exact search on a sample of features reaches the
 target, or until the whole search would overrun its time budget; the recall reached is recorded.
 
-The map is UMAP of the decoder directions (cosine). Beyond ``map_sample`` features UMAP lays out a
-seeded sample and every other feature is placed among its nearest sampled features (a weighted
-mean of their positions), which keeps the cost near-linear. :func:`map_quality` measures a map:
+The map is t-SNE (openTSNE) of the decoder directions by cosine, or UMAP: on the demo's directions
+t-SNE keeps 3.4x as many of each feature's nearest decoder neighbours among its nearest map points
+(``map_quality``; docs/analysis.md has the figures). Beyond ``map_sample`` features the layout is
+made for a seeded sample and every other feature is placed among its nearest sampled features (a
+weighted mean of their positions), which keeps the cost near-linear. :func:`map_quality` measures a map:
 how many of a feature's nearest decoder neighbours stay among its nearest points in 2-D, and how
 often 2-D neighbours share a cluster.
 """
@@ -195,25 +197,44 @@ def _umap(data: np.ndarray, neighbours: int, seed: int, min_dist: float,
         return reducer.fit_transform(data).astype("float32")
 
 
+def _tsne(data: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    from openTSNE import TSNE
+
+    perplexity = max(1.0, min(perplexity, (len(data) - 1) / 3))  # t-SNE needs 3 x perplexity neighbours
+    # One thread: the layout is then the same on every run (openTSNE's parallel sums are not ordered).
+    embedding = TSNE(perplexity=perplexity, metric="cosine", n_jobs=1, random_state=seed, verbose=False).fit(data)
+    return np.asarray(embedding, dtype=np.float32)
+
+
 def map_layout(directions: torch.Tensor, seed: int = 0, neighbours: int = 15, min_dist: float = 0.1,
-               sample: int = 32768, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
-    """[F, 2] map coordinates of the decoder directions (cosine UMAP; beyond ``sample`` features, a
-    seeded sample laid out and the rest placed among their nearest sampled features).
+               sample: int = 32768, known: tuple[torch.Tensor, torch.Tensor] | None = None,
+               method: str = "tsne", perplexity: float = 30.0) -> np.ndarray:
+    """[F, 2] map coordinates of the decoder directions: cosine t-SNE (``method`` "tsne") or UMAP
+    ("umap", ``neighbours`` and ``min_dist``); beyond ``sample`` features, a seeded sample laid out
+    and the rest placed among their nearest sampled features.
 
     ``known`` (neighbour ids, cosines of every feature) from :func:`find_neighbours` spares UMAP its own search.
     """
     data = _as_array(directions)
     count = len(data)
-    if count < 4:  # UMAP's spectral start needs a few points; so few features are simply spread on a line
+    if count < 4:  # the layouts need a few points; so few features are simply spread on a line
         return np.stack([np.arange(count, dtype="float32"), np.zeros(count, dtype="float32")], axis=1)
+
+    def laid_out(points: np.ndarray, known_arrays) -> np.ndarray:
+        if method == "tsne":
+            return _tsne(points, perplexity, seed)
+        return _umap(points, neighbours, seed, min_dist, known_arrays)
+
     if count <= sample:
-        known_arrays = (known[0].numpy(), known[1].numpy()) if known is not None else None
-        return _umap(data, neighbours, seed, min_dist, known_arrays)
+        return laid_out(data, (known[0].numpy(), known[1].numpy()) if known is not None else None)
     chosen = np.sort(np.random.default_rng(seed).choice(count, sample, replace=False))
     sampled = data[chosen]
-    ids, cosines = exact_neighbours(torch.from_numpy(sampled), neighbours - 1)
+    known_sample = None
+    if method == "umap":
+        ids, cosines = exact_neighbours(torch.from_numpy(sampled), neighbours - 1)
+        known_sample = (ids.numpy(), cosines.numpy())
     layout = np.empty((count, 2), np.float32)
-    layout[chosen] = _umap(sampled, neighbours, seed, min_dist, (ids.numpy(), cosines.numpy()))
+    layout[chosen] = laid_out(sampled, known_sample)
     rest = np.setdiff1d(np.arange(count), chosen)
     found, values, _, _ = _placement_search(sampled, data[rest], seed)
     weights = np.maximum(values, 0) ** 4 + 1e-12  # the closest sampled features dominate
@@ -241,13 +262,13 @@ def _placement_search(sampled: np.ndarray, queries: np.ndarray, seed: int):
 
 def map_table(directions: torch.Tensor, clusters: int | None = None, seed: int = 0,
               known: tuple[torch.Tensor, torch.Tensor] | None = None, neighbours: int = 15, min_dist: float = 0.1,
-              sample: int = 32768) -> pa.Table:
+              sample: int = 32768, method: str = "tsne", perplexity: float = 30.0) -> pa.Table:
     """``atlas.MAP_SCHEMA`` rows: map position and k-means cluster of every (unit) decoder direction."""
     clusters = clusters or max(1, round(math.sqrt(len(directions) / 2)))
     with torch.no_grad():
         _, assignment = spherical_kmeans(directions.cpu(), clusters, seed=seed)
     coordinates = map_layout(directions.cpu(), seed=seed, neighbours=neighbours, min_dist=min_dist, sample=sample,
-                             known=known)
+                             known=known, method=method, perplexity=perplexity)
     return pa.table({"feature": pa.array(np.arange(len(directions), dtype=np.int32)),
                      "x": pa.array(coordinates[:, 0], pa.float32()), "y": pa.array(coordinates[:, 1], pa.float32()),
                      "cluster": pa.array(assignment.numpy().astype("int32"), pa.int32())})

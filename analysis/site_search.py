@@ -27,9 +27,9 @@ WORDS_PER_FEATURE = 32
 TOP_TOKEN_WEIGHT = 4
 PROMOTED_WEIGHT = 2
 PROMOTED_WORDS = 5
-POSTINGS_PER_WORD = 1000
+POSTINGS_PER_WORD = 500
 KEY_CHARACTERS = 3
-SHARD_BYTES = 1 << 19  # a shard's expected compressed size (the largest measured ~2x that); a query loads one
+SHARD_BYTES = 1 << 18  # a shard's expected compressed size; a query loads one (keys are not split, so some hold more)
 
 
 def search_key(word: str) -> str:

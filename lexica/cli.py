@@ -30,7 +30,8 @@ COMMANDS = {
     "analysis": Command("lexica.analysis.cli", "main", "analysis features: build a dictionary's feature atlas"),
     "steer": Command("lexica.analysis.steering", "main", "generate text with features clamped, beside the baseline"),
     "monitor": Command("lexica.analysis.monitor", "main", "report where watched features fire on given texts"),
-    "browse": Command("lexica.analysis.browse", "main", "serve a dictionary's feature browser on 127.0.0.1"),
+    "browse": Command("lexica.analysis.browse", "main",
+                      "serve a dictionary's feature browser on 127.0.0.1 (test your text, steering)"),
     "pipeline": Command("lexica.deploy.pipeline", "main", "harvest, train and analysis in order in one process"),
     "submit": Command("lexica.deploy.submit", "main", "run the pipeline (or some stages) as a job on a Ray cluster"),
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from conftest import sample_texts, write_jsonl
@@ -14,7 +16,7 @@ from conftest import sample_texts, write_jsonl
 from lexica import storage
 from lexica.analysis import atlas, stats
 from lexica.analysis.config import AnalysisConfig
-from lexica.analysis.contexts import build_contexts
+from lexica.analysis.contexts import build_contexts, contexts_in_passes, feature_groups
 from lexica.analysis.sources import token_strings
 from lexica.analysis.stats import compute_statistics, sample_priority
 from lexica.harvest.config import CorpusConfig, HarvestConfig, WorkersConfig
@@ -199,6 +201,16 @@ def test_contexts_are_store_rows_with_the_features_values(harvested, dictionarie
     assert contexts.schema.equals(atlas.CONTEXTS_SCHEMA)
     assert contexts.select(examples.column_names).equals(examples)
     assert build_contexts(store, dictionary, examples, tokenizer, config(workers=2)).equals(contexts)
+    # In passes of a few features each (bounded memory at any width): the same rows, feature by feature.
+    groups = feature_groups(examples, window=6, tokens_per_pass=6 * 7)
+    assert len(groups) > 3 and all(examples["feature"][group.start].as_py() != examples["feature"][group.start - 1]
+                                   .as_py() for group in groups[1:])
+    passes = list(contexts_in_passes(store, dictionary, examples, tokenizer, config(), tokens_per_pass=6 * 7))
+    joined = pa.concat_tables(passes)
+    assert len(passes) == len(groups) and joined.drop_columns(["values"]).equals(contexts.drop_columns(["values"]))
+    # Values agree to float rounding: a pass encodes other rows beside each, so matmul blocks differ.
+    np.testing.assert_allclose(pc.list_flatten(joined["values"]).to_numpy(),
+                               pc.list_flatten(contexts["values"]).to_numpy(), rtol=1e-5, atol=1e-6)
 
     dense = dense_codes(store, dictionary)
     clipped = 0

@@ -3,8 +3,10 @@
 "use strict";
 (async function () {
   const { element, chips, number, summary, searchWords, vocab } = window.lexica;
-  // A page of results loads up to this many summary files (~30 KB each at 2^20 features) besides its shard.
-  const PAGE_SIZE = 50;
+  // Rows per page: listing by id reads one or two summary files; a page of search results may read
+  // one per row (~30 KB each at 2^20 features) besides its shard, so it shows fewer.
+  const LIST_PAGE = 50, RESULT_PAGE = 25;
+  const pageSize = () => (results ? RESULT_PAGE : LIST_PAGE);
   const tbody = document.querySelector("#features tbody");
   const search = document.getElementById("search");
   const status = document.getElementById("status");
@@ -28,16 +30,16 @@
   let generation = 0;  // a newer query or page abandons the rendering of an older one
 
   function featuresOnPage() {
-    if (results) return results.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE);
+    if (results) return results.slice(page * pageSize(), (page + 1) * pageSize());
     const rows = [];
-    for (let feature = page * PAGE_SIZE; feature < Math.min(meta.features, (page + 1) * PAGE_SIZE); feature++) rows.push({ feature, word: "" });
+    for (let feature = page * LIST_PAGE; feature < Math.min(meta.features, (page + 1) * LIST_PAGE); feature++) rows.push({ feature, word: "" });
     return rows;
   }
 
   async function render() {
     const mine = ++generation;
     const count = results ? results.length : meta.features;
-    const pages = Math.max(1, Math.ceil(count / PAGE_SIZE));
+    const pages = Math.max(1, Math.ceil(count / pageSize()));
     page = Math.min(page, pages - 1);
     const shown = featuresOnPage();
     const summaries = await Promise.all(shown.map((row) => summary(row.feature)));
