@@ -15,10 +15,10 @@
   same three for ``suppressed`` (the decoder direction through the final norm and unembedding);
 - ``neighbours.parquet``: ``feature``, ``neighbours`` list<int32>, ``cosines`` list<float32>
   (decoder cosine similarity, most similar first, the feature itself excluded);
-- ``map.parquet``: ``feature``, ``x``, ``y`` (2-D UMAP of decoder directions), ``cluster``;
+- ``map.parquet``: ``feature``, ``x``, ``y`` (2-D map of decoder directions: t-SNE or UMAP), ``cluster``;
 - ``summary.json``: dictionary, store, model, hook, ``d_sae``, tokens counted, histogram edges,
   the configuration and timings of the run that wrote it;
-- ``site/``: the static HTML feature browser.
+- ``site/``: the feature browser (``analysis/site.py``).
 """
 
 from __future__ import annotations

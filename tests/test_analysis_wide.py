@@ -1,7 +1,8 @@
 """``lexica analysis features`` on a 2^20-latent dictionary on this machine: the statistics,
 contexts and logit-effect tables are complete and right, and the pass's memory stays bounded
 (encoding runs in row chunks within the budget; no table is held as per-feature Python objects).
-Neighbours and the map at that width are issue 16's (the neighbour search is skipped here)."""
+The neighbour search, the map and the site at that width are measured by bench/geometry.py and
+bench/site_build.py (minutes each here), so this test skips them."""
 
 from __future__ import annotations
 
