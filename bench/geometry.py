@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import numpy as np
@@ -108,8 +109,9 @@ def main() -> None:
         demo_section(directions)
     if "wide" in only:
         wide_section(directions, args.features, args.noise, args.budget)
-    print(f"\nload average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak resident memory {peak_gb:.1f} GB; load average (1 min) at start {load_at_start:.2f}, at end "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
