@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-from test_analysis_site import Watched, find_chromium
 from test_analysis_steering import HOOK, PLANTED_WORD, PROMPT, TOKEN_FEATURE, build_run, load, planted_model
 
 from lexica.analysis import browse
@@ -35,28 +34,6 @@ def served_run(tiny_models, tmp_path_factory):
            "port": server.server_address[1]}
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium found (set LEXICA_CHROMIUM or run `make browser`)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    watched = Watched(context.new_page())
-    yield watched
-    watched.assert_inert()
-    context.close()
 
 
 def request(port: int, method: str, path: str, body: object = None, headers: dict | None = None) -> tuple[int, dict]:

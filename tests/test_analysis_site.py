@@ -8,9 +8,7 @@ LEXICA_REQUIRE_BROWSER=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,10 +24,6 @@ PAYLOAD_FEATURE = 1
 WIDE_FEATURES = 1 << 18  # the scale test's atlas: 256 data chunks, small contexts to stay quick
 
 
-def find_chromium() -> str | None:
-    return os.environ.get("LEXICA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.fixture(scope="module")
 def atlas_site(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("atlas")
@@ -37,58 +31,6 @@ def atlas_site(tmp_path_factory) -> tuple[Path, dict]:
     index = build_site(str(folder))
     assert Path(index) == folder / "site" / "index.html"
     return folder / "site", facts
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = find_chromium()
-    required = os.environ.get("LEXICA_REQUIRE_BROWSER") == "1"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if required:
-            pytest.fail("LEXICA_REQUIRE_BROWSER=1 but the playwright package is missing (make browser)")
-        pytest.skip("playwright is not installed; `make browser` sets up the browser tests")
-    if chromium is None:
-        if required:
-            pytest.fail("LEXICA_REQUIRE_BROWSER=1 but no Chromium was found (set LEXICA_CHROMIUM or run make browser)")
-        pytest.skip("no Chromium found (set LEXICA_CHROMIUM or run `make browser`)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
-class Watched:
-    """A page plus what it must not do: open dialogs or throw script errors."""
-
-    def __init__(self, page):
-        self.page, self.dialogs, self.errors = page, [], []
-        page.on("dialog", self._dialog)
-        page.on("pageerror", lambda error: self.errors.append(str(error)))
-
-    def _dialog(self, dialog) -> None:
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def open(self, url: str, wait_ready: bool = True) -> None:
-        self.page.goto(url)
-        if wait_ready:
-            self.page.wait_for_selector("body[data-ready='1']", timeout=10_000)
-
-    def assert_inert(self) -> None:
-        assert self.page.evaluate("typeof window.__pwned") == "undefined"
-        assert self.dialogs == []
-        assert self.errors == []
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    watched = Watched(context.new_page())
-    yield watched
-    watched.assert_inert()
-    context.close()
 
 
 @pytest.fixture(scope="module")

@@ -110,12 +110,8 @@
   // that fire on it; a highlighted feature marks the tokens it fires on.
   const model = await window.lexica.live();
   if (model) {
-    const panel = document.getElementById("live-text");
-    const text = document.getElementById("text");
-    const watch = document.getElementById("watch");
-    const textStatus = document.getElementById("text-status");
-    const tokensBox = document.getElementById("text-tokens");
-    const featuresBox = document.getElementById("token-features");
+    const [panel, text, watch, textStatus, tokensBox, featuresBox] = ["live-text", "text", "watch", "text-status",
+      "text-tokens", "token-features"].map((id) => document.getElementById(id));
     text.maxLength = model.limits.max_text_chars;
     watch.max = String(model.d_sae - 1);
     panel.hidden = false;
