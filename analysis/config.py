@@ -36,7 +36,8 @@ class AnalysisConfig:
                                               "GPU); beyond, FAISS inverted-file search")
     neighbour_recall: float = knob(0.95, "recall the approximate search probes more cells to reach (measured on a "
                                          "sample against exact search)")
-    neighbour_budget_s: float = knob(600.0, "seconds the approximate search may take; it stops probing more cells "
+    neighbour_budget_s: float = knob(400.0, "seconds the approximate search may take (with the map, ~15 min at 2^20 "
+                                            "here); it stops probing more cells "
                                             "before the whole search would overrun this")
     map: bool = knob(True, "compute the 2-D map and clusters")
     map_method: str = knob("tsne", "tsne (openTSNE, cosine; keeps more decoder neighbours together) or umap")

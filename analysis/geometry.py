@@ -92,7 +92,7 @@ def overlap(truth: np.ndarray, found: np.ndarray) -> float:
     return hits / truth.size
 
 
-def ivf_neighbours(data: np.ndarray, count: int, recall_target: float = 0.95, budget_seconds: float = 600.0,
+def ivf_neighbours(data: np.ndarray, count: int, recall_target: float = 0.95, budget_seconds: float = 400.0,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(ids, cosines, recall measured on a sample, cells probed) of an inverted-file search."""
     faiss = _faiss()
@@ -133,7 +133,7 @@ def ivf_neighbours(data: np.ndarray, count: int, recall_target: float = 0.95, bu
 
 
 def find_neighbours(directions: torch.Tensor, count: int, exact_up_to: int = 32768, recall_target: float = 0.95,
-                    budget_seconds: float = 600.0) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
+                    budget_seconds: float = 400.0) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
     """(neighbour ids [F, count] (-1 where none was found), cosines, whether the search was exact, its recall)."""
     count = min(count, len(directions) - 1)
     if count < 1:

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--dictionary", default=DEMO, help="sae_weights.safetensors of the demo dictionary")
     parser.add_argument("--features", type=int, default=1 << 20)
     parser.add_argument("--noise", type=float, default=0.5, help="noise norm of a grown direction (1 = its own)")
-    parser.add_argument("--budget", type=float, default=600.0, help="the neighbour search's time budget, seconds")
+    parser.add_argument("--budget", type=float, default=400.0, help="the neighbour search's time budget, seconds")
     args = parser.parse_args()
     only = set(args.only.split(","))
     torch.set_num_threads(os.cpu_count() or 1)
