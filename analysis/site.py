@@ -11,7 +11,8 @@
 - ``data/summaries/<c>.js``: density, maximum, top tokens and cluster of 2,048 features each, for
   lists (search results, the index, the map's hover);
 - ``data/search/<s>.js``: the word index, sharded (``analysis.site_search``);
-- ``data/map.js``: every mapped feature's position and cluster.
+- ``data/map.js``: every mapped feature's position and cluster;
+- ``data/order-<by>.js``: the first 10,000 feature ids by density, by max activation, and rarest.
 
 The file count grows with features / 1,024 (plus the search shards), never with the features
 themselves; ``analysis.site_data`` says how each file is encoded. The site opens from disk.
@@ -66,6 +67,7 @@ FEATURES_PER_CHUNK = 1024
 FEATURES_PER_SUMMARY = 2048
 TOP_TOKENS = 5  # a feature's most frequent example tokens, shown in lists
 CHIP_TOKENS = 3  # ...of which a neighbour's entry shows this many
+ORDERED_FEATURES = 10000  # features listed in each other order of the index (densest, strongest, rarest)
 LOGIT_COLUMNS = ["feature", "promoted_ids", "promoted_tokens", "promoted_values", "suppressed_ids", "suppressed_tokens",
                  "suppressed_values"]
 COMPRESSION_THREADS = 2
@@ -336,6 +338,16 @@ class _ChunkBuilder:
         return [int(occupied[0]), counts[occupied[0]:occupied[-1] + 1].tolist()]
 
 
+def _orderings(features: _Features) -> dict[str, np.ndarray]:
+    """The first :data:`ORDERED_FEATURES` feature ids by density, by max activation, and rarest that fired
+    (ties: the lower id), for the index's other listings."""
+    ids = np.flatnonzero(features.present)
+    fired = ids[features.fires[ids] > 0]
+    return {"density": ids[np.lexsort((ids, -features.density[ids]))][:ORDERED_FEATURES],
+            "max": ids[np.lexsort((ids, -features.max_activation[ids]))][:ORDERED_FEATURES],
+            "rare": fired[np.lexsort((fired, features.density[fired]))][:ORDERED_FEATURES]}
+
+
 def _read_layout(fs, folder: str, count: int) -> dict | None:
     path = storage.join(folder, "map.parquet")
     if not storage.exists(fs, path):
@@ -395,6 +407,9 @@ def _index_page(name: str, has_map: bool) -> str:
     body = (f'{_nav(has_map)}<main><h1 id="title"></h1><p class="summary" id="facts"></p>'
             '<div class="controls"><input id="search" type="search" autocomplete="off" spellcheck="false" '
             'placeholder="Search: feature id, token or context word (prefix)" aria-label="search features">'
+            '<label>list <select id="order" aria-label="list features by"><option value="id">by id</option>'
+            '<option value="density">densest first</option><option value="max">strongest first (max act.)</option>'
+            '<option value="rare">rarest that fired</option></select></label>'
             '<span id="status" role="status"></span></div>'
             '<section id="live-text" hidden><h2>Test your text</h2>'
             '<textarea id="text" rows="3" spellcheck="false" placeholder="Type text to see the features that fire on '
@@ -525,6 +540,9 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
             progress.update(chunks + chunk + 1, tokens)
     progress.update(2 * chunks, tokens, final=True)
     writer.add("data/vocab.js", data_script("vocab", "json", packed_json(vocabulary.document())))
+
+    for name, ids in _orderings(features).items():
+        writer.add(f"data/order-{name}.js", data_script(f"order-{name}", "bin", packed(ids.astype("<i4").tobytes())))
 
     has_map = layout is not None and bool(layout["mapped"].any())
     map_facts = None

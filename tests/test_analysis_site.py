@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from synthetic_atlas import PAYLOADS, write_synthetic_atlas
 
@@ -67,6 +68,13 @@ def test_index_lists_and_pages_features(atlas_site, page):
     page.page.click("#next")
     page.page.wait_for_selector("#features tbody tr[data-feature='50']")
     assert index_rows(page.page) == list(range(50, 100))
+    features = pq.read_table(site_dir.parent / "features.parquet").to_pydict()
+    for order, key in (("density", lambda f: (-features["density"][f], f)),
+                       ("max", lambda f: (-features["max_activation"][f], f)),
+                       ("rare", lambda f: (features["density"][f], f))):
+        page.page.select_option("#order", order)
+        page.page.wait_for_function("order => document.body.dataset.listed === order", arg=order)
+        assert index_rows(page.page) == sorted(features["feature"], key=key)[:25], order
 
 
 def test_search_by_id_and_by_top_token(atlas_site, page):
@@ -129,7 +137,7 @@ def test_map_point_opens_its_feature(atlas_site, page):
 
 def own_scripts(view) -> list[str]:
     sources = view.eval_on_selector_all("script", "nodes => nodes.map(n => n.getAttribute('src'))")
-    assert all(src and re.fullmatch(r"(assets|data(/[a-z]+)?)/[a-z0-9]+\.js", src) for src in sources), sources
+    assert all(src and re.fullmatch(r"(assets|data(/[a-z]+)?)/[a-z0-9-]+\.js", src) for src in sources), sources
     return sources
 
 
@@ -176,7 +184,7 @@ def test_hostile_strings_render_as_text(atlas_site, page, served, origin):
 
 
 BASE64 = '"[A-Za-z0-9+/=]*"'
-DATA_FILE = re.compile(rf'lexicaData\("[a-z0-9/]+","(json|bin|bin\[\])",(\[({BASE64},?)*\]|{BASE64})\);\n')
+DATA_FILE = re.compile(rf'lexicaData\("[a-z0-9/-]+","(json|bin|bin\[\])",(\[({BASE64},?)*\]|{BASE64})\);\n')
 
 
 def test_built_files_hold_no_corpus_text(atlas_site):

@@ -66,22 +66,40 @@
     });
     tbody.replaceChildren(rows);
     if (!results) status.textContent = meta.present.toLocaleString("en") + " features";
+    else if (!search.value.trim()) status.textContent = "the first " + results.length.toLocaleString("en") + " by " + ORDER_NAMES[order.value];
     else {
       const capped = truncated ? " (a word matched more; the index keeps the strongest " + meta.postings_per_word.toLocaleString("en") + " per word)" : "";
       status.textContent = results.length.toLocaleString("en") + " matching features" + capped;
     }
     pageLabel.textContent = "page " + (page + 1) + " of " + pages;
-    document.body.dataset.query = results ? search.value.trim() : "";  // what the table shows (tests wait on it)
+    // What the table shows (tests wait on these): the query, and the listing order when there is none.
+    document.body.dataset.query = results ? search.value.trim() : "";
+    document.body.dataset.listed = results && !search.value.trim() ? order.value : "id";
     previous.disabled = page === 0;
     next.disabled = page >= pages - 1;
     document.body.dataset.ready = "1";
   }
 
+  // Other listings than by id: the first 10,000 features of each order, precomputed by the build.
+  const order = document.getElementById("order");
+  const ORDER_NAMES = { density: "density", max: "max act.", rare: "rare" };
+  async function listed() {
+    if (order.value === "id") return null;
+    const bytes = await window.lexica.binary("order-" + order.value);
+    const ids = new Int32Array(bytes.buffer, 0, bytes.byteLength / 4);
+    return Array.from(ids, (feature) => ({ feature, word: ORDER_NAMES[order.value] }));
+  }
+  order.addEventListener("change", () => { search.value = ""; applySearch(); });
+
   async function applySearch() {
     const query = search.value.trim();
     history.replaceState(null, "", query ? "#q=" + encodeURIComponent(query) : location.pathname);
     page = 0;
-    if (!query) { results = null; return render(); }
+    if (!query) {
+      truncated = false;
+      results = await listed();
+      return render();
+    }
     const found = await searchWords(query);
     let matches = found.matches;
     truncated = found.truncated;
