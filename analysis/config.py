@@ -144,3 +144,28 @@ def check_common(config, stage: str, checks: list[tuple[bool, str, str]]) -> Non
     for ok, name, expected in checks:
         if not ok:
             raise ConfigError(f"{stage}.{name} = {getattr(config, name)!r} is invalid; expected {expected}")
+
+
+@dataclass
+class ExplainConfig:
+    """``lexica explain`` (the ``explain:`` section of a pipeline config, or flags)."""
+
+    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
+    features: str = knob("top:100", "which features: all, a range 0-99, a list 1,5,9 (ranges allowed), or top:N by "
+                                    "density")
+    explainer: str | None = knob(None, "the explainer: a local chat model's folder or hub id")
+    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    max_examples: int = knob(12, "activating examples shown to the explainer per feature (top examples first, then "
+                                 "quantile samples); the others are held out for scoring")
+    batch_size: int = knob(8, "prompts the explainer answers at a time")
+    max_new_tokens: int = knob(40, "longest explanation, in tokens")
+    site: bool = knob(True, "rebuild the atlas's site afterwards, so its pages and search show the explanations")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> ExplainConfig:
+        check_common(self, "explain", [
+            (bool(self.explainer), "explainer", "a chat model's folder or hub id"),
+            (self.max_examples >= 1, "max_examples", ">= 1"), (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1")])
+        return self

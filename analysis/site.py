@@ -132,8 +132,14 @@ def _sorted_contexts(block: pa.Table) -> pa.Table:
 
 
 def _first_pass(contexts: pa.Table, logits: pa.Table | None, features: _Features, vocabulary: _Vocabulary,
-                words: WordIndex) -> None:
-    """First pass over one block: the tokens it shows, each feature's top tokens, and its search words."""
+                words: WordIndex, explained: pa.Table) -> None:
+    """First pass over one block: the tokens it shows, each feature's top tokens, and its search words
+    (with the words of its explanation, if it has one)."""
+    if explained.num_rows:
+        split = pc.utf8_split_whitespace(pc.fill_null(explained["explanation"], ""))
+        owners = np.repeat(explained["feature"].to_numpy(), pc.list_value_length(split).to_numpy())
+        words.add(owners, pc.utf8_trim(pc.list_flatten(split), characters=EXPLANATION_PUNCTUATION),
+                  np.full(len(owners), EXPLANATION_WEIGHT))
     vocabulary.add(flat_values(contexts["token_ids"]).to_numpy(zero_copy_only=False),
                    flat_values(contexts["tokens"]))
     if logits is not None:
@@ -184,6 +190,33 @@ def _rank_top_tokens(row_features: np.ndarray, token_ids: np.ndarray, top_tokens
     top_tokens[pairs[kept, 0], rank[kept]] = pairs[kept, 1]
 
 
+EXPLANATION_PUNCTUATION = ".,;:!?\"'()[]{}«»“”‘’"
+EXPLANATION_WEIGHT = 3  # a word of the feature's explanation, in the search index
+SUMMARY_EXPLANATION = 48  # characters of an explanation shown in lists (the page shows all of it)
+
+
+class _Explanations:
+    """The atlas's explanations (``lexica explain``), newest per feature, sliced a block at a time."""
+
+    def __init__(self, fs, folder: str):
+        from lexica.analysis.explain import ExplanationStore
+
+        self.table = ExplanationStore(folder, fs=fs).latest()
+        self.features = self.table["feature"].to_numpy().astype(np.int64)
+
+    def block(self, first: int, size: int = FEATURES_PER_CHUNK) -> pa.Table:
+        start, stop = np.searchsorted(self.features, [first, first + size])
+        return self.table.slice(int(start), int(stop - start))
+
+    def texts(self, first: int, size: int) -> list[str]:
+        """Explanation (or "") of each feature of ``[first, first + size)``."""
+        block = self.block(first, size)
+        texts = [""] * size
+        for feature, text in zip(block["feature"].to_pylist(), block["explanation"].to_pylist(), strict=True):
+            texts[feature - first] = text or ""
+        return texts
+
+
 class _Vocabulary:
     """Every token id the site shows, numbered densely (0, 1, ...) in the order first met, with its string.
 
@@ -230,8 +263,8 @@ def _doc_number(value: int) -> int | str:
 class _ChunkBuilder:
     """Second pass: the records of one block of features."""
 
-    def __init__(self, features: _Features, layout: dict | None, vocabulary: _Vocabulary):
-        self.features, self.layout, self.vocabulary = features, layout, vocabulary
+    def __init__(self, features: _Features, layout: dict | None, vocabulary: _Vocabulary, explanations: _Explanations):
+        self.features, self.layout, self.vocabulary, self.explanations = features, layout, vocabulary, explanations
         self.density = significant(features.density)
         self.maximum = significant(features.max_activation)
         self.mean = significant(features.mean_activation)
@@ -260,6 +293,7 @@ class _ChunkBuilder:
         logit_lists = self._lists(logits, ids, ("promoted_ids", "promoted_values", "suppressed_ids",
                                                 "suppressed_values"), id_columns=(0, 2))
         neighbour_lists = self._lists(neighbours, ids, ("neighbours", "cosines"), id_columns=())
+        explained = self.explanations.texts(first, len(ids))
 
         records = []
         for index, feature in enumerate(ids.tolist()):
@@ -283,6 +317,8 @@ class _ChunkBuilder:
                 head["nb"] = [[others[i] for i in kept], [round(cosines[i], 3) for i in kept],
                               [[t for t in features.top_tokens[others[i], :CHIP_TOKENS].tolist() if t >= 0]
                                for i in kept]]
+            if explained[index]:
+                head["x"] = explained[index]
             if self.layout is not None and self.layout["mapped"][feature]:
                 head["m"] = [round(float(self.layout["x"][feature]), 4), round(float(self.layout["y"][feature]), 4),
                              int(self.layout["cluster"][feature])]
@@ -418,7 +454,8 @@ def _index_page(name: str, has_map: bool) -> str:
             '<button id="analyse" type="button">Show features</button><span id="text-status" role="status"></span>'
             '</div><div id="text-tokens" class="ctx"></div><div id="token-features"></div></section>'
             '<table id="features"><thead><tr><th>feature</th><th>density</th><th>max act.</th>'
-            '<th>top tokens</th><th>matched</th><th>cluster</th></tr></thead><tbody></tbody></table>'
+            '<th>top tokens</th><th>explanation</th><th>matched</th><th>cluster</th></tr></thead><tbody></tbody>'
+            '</table>'
             '<div class="pager"><button id="previous" type="button">← previous</button><span id="page"></span>'
             '<button id="next" type="button">next →</button></div></main>')
     return _page(f"{name} · Lexica atlas", "index-page", body, ("assets/index.js",))
@@ -494,6 +531,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
     logits_path = _optional_path(fs, folder, "logits")
     neighbours_path = _optional_path(fs, folder, "neighbours")
     layout = _read_layout(fs, folder, count)
+    explanations = _Explanations(fs, folder)
     progress = Progress("site", 2 * chunks, "blocks")
 
     # Pass 1: the vocabulary, top tokens and search words, block by block.
@@ -503,7 +541,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
     context_columns = ["feature", "kind", "center", "token_ids", "tokens"]
     for (_, contexts), (_, logits) in zip(feature_blocks(fs, contexts_path, context_columns, FEATURES_PER_CHUNK, count),
                                           _blocks(fs, logits_path, LOGIT_COLUMNS, count), strict=True):
-        _first_pass(contexts, logits, features, vocabulary, words)
+        _first_pass(contexts, logits, features, vocabulary, words, explanations.block(done * FEATURES_PER_CHUNK))
         done += 1
         progress.update(done, 0)  # tokens are counted as records are written
     shard_count, shards = words.shards(features.density)
@@ -517,12 +555,14 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
                     "d": significant(features.density[first:last], 3),
                     "mx": significant(features.max_activation[first:last], 3),
                     "top": [[int(t) for t in row if t >= 0] for row in features.top_tokens[first:last]],
-                    "cl": layout["cluster"][first:last].tolist() if layout is not None else None}
+                    "cl": layout["cluster"][first:last].tolist() if layout is not None else None,
+                    "ex": [text[:SUMMARY_EXPLANATION] + ("…" if len(text) > SUMMARY_EXPLANATION else "")
+                           for text in explanations.texts(first, last - first)]}
         writer.add(f"data/summaries/{first // FEATURES_PER_SUMMARY}.js",
                    data_script(f"summaries/{first // FEATURES_PER_SUMMARY}", "json", packed_json(document)))
 
     # Pass 2: feature records, compressed on two threads (zlib lets go of the GIL).
-    builder = _ChunkBuilder(features, layout, vocabulary)
+    builder = _ChunkBuilder(features, layout, vocabulary, explanations)
     tokens = 0
     context_columns = ["feature", "kind", "rank", "band", "activation", "doc_id", "position", "token_ids", "values",
                        "center"]
@@ -558,7 +598,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
             "postings_per_word": POSTINGS_PER_WORD,
             "histogram_edges": [float(edge) for edge in summary.get("histogram_edges") or atlas.HISTOGRAM_EDGES],
             "has_logits": logits_path is not None, "has_neighbours": neighbours_path is not None,
-            "has_map": has_map, "map": map_facts, "levels": 255,
+            "has_map": has_map, "map": map_facts, "levels": 255, "explained": explanations.table.num_rows,
             "id_bytes": 2 if vocabulary.id_type == "<u2" else 4}
     writer.add("data/meta.js", data_script("meta", "json", packed_json(meta)))
     return meta

@@ -32,6 +32,8 @@ COMMANDS = {
     "monitor": Command("lexica.analysis.monitor", "main", "report where watched features fire on given texts"),
     "browse": Command("lexica.analysis.browse", "main",
                       "serve a dictionary's feature browser on 127.0.0.1 (test your text, steering)"),
+    "explain": Command("lexica.analysis.explain", "main", "explain features with an explainer model, stored with the "
+                                                          "atlas"),
     "pipeline": Command("lexica.deploy.pipeline", "main", "harvest, train and analysis in order in one process"),
     "submit": Command("lexica.deploy.submit", "main", "run the pipeline (or some stages) as a job on a Ray cluster"),
 }

@@ -41,7 +41,8 @@ def flag_list(flags: dict[str, str], extra: tuple[str, ...] = ()) -> str:
 
 def markdown() -> str:
     from lexica.analysis.cli import FLAGS as ANALYSIS_FLAGS
-    from lexica.analysis.config import AnalysisConfig, MonitorConfig, SteerConfig
+    from lexica.analysis.config import AnalysisConfig, ExplainConfig, MonitorConfig, SteerConfig
+    from lexica.analysis.explain import EXPLAIN_FLAGS
     from lexica.analysis.monitor import MONITOR_FLAGS
     from lexica.analysis.steering import STEER_FLAGS
     from lexica.harvest.cli import FLAG_TARGETS as HARVEST_FLAGS
@@ -75,7 +76,9 @@ def markdown() -> str:
     lines += table(SteerConfig) + [""]
     lines += ["## `monitor:` — `lexica monitor`", "", "Flags: " + flag_list(MONITOR_FLAGS, (
         "`--watch IDS`", "`--texts FILE`", "`--jsonl FILE`", "`--json`")) + ".", ""]
-    lines += table(MonitorConfig)
+    lines += table(MonitorConfig) + [""]
+    lines += ["## `explain:` — `lexica explain`", "", "Flags: " + flag_list(EXPLAIN_FLAGS) + ".", ""]
+    lines += table(ExplainConfig)
     return "\n".join(lines) + "\n"
 
 

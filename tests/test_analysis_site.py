@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from synthetic_atlas import PAYLOADS, write_synthetic_atlas
 
+from lexica import storage
 from lexica.analysis import browse
 from lexica.analysis.site import build_site
 from lexica.analysis.site_data import data_script, parse_record, read_data_file
@@ -303,3 +304,16 @@ def test_browse_command(tmp_path, capsys):
     assert lexica_main(["browse", "--run", str(run), "--port", "70000"]) == 2
     assert "not a port number" in capsys.readouterr().err
     assert browse.is_loopback("127.0.0.1") and browse.is_loopback("::1") and not browse.is_loopback("0.0.0.0")
+
+
+def test_a_site_is_built_on_object_storage(s3_server):
+    _, options = s3_server
+    url = "s3://lexica-test/site-atlas"
+    write_synthetic_atlas(url, features=40, contexts_per_feature=6, tokens_per_context=8, storage_options=options)
+    index = build_site(url, options)
+    fs, path = storage.url_to_fs(url, options)
+    assert index.endswith("site/index.html") and fs.exists(f"{path}/site/index.html")
+    _, meta = read_data_file(fs.cat(f"{path}/site/data/meta.js").decode())
+    assert meta["features"] == 40 and fs.exists(f"{path}/site/data/features/0.js")
+    build_site(url, options)  # a rebuild replaces the old site (removed first: object storage has no rename)
+    assert fs.exists(f"{path}/site/index.html")

@@ -106,6 +106,7 @@
     const head = record.head;
     document.title = "Feature " + feature + " · " + meta.dictionary + " · Lexica atlas";
     page.appendChild(element("h1", "", "Feature " + feature));
+    if (head.x) page.appendChild(element("p", "explanation", head.x));
     const stats = element("dl", "stats");
     for (const [label, value] of [["density", number(head.d, 4)], ["fires", head.n.toLocaleString("en")], ["max activation", number(head.mx, 4)], ["mean activation", number(head.mn, 4)]]) {
       const pair = element("div");

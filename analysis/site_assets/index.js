@@ -60,6 +60,7 @@
       const tokens = element("td");
       tokens.appendChild(chips(strings, facts.top));
       tr.appendChild(tokens);
+      tr.appendChild(element("td", "explanation", facts.explanation));
       tr.appendChild(element("td", "", row.word));
       tr.appendChild(element("td", "", facts.cluster === null ? "" : String(facts.cluster)));
       rows.appendChild(tr);

@@ -1,0 +1,148 @@
+"""``lexica explain``: feature choice, prompts built from the atlas, explanations stored in committed
+parts, and a rerun (or a run after a crash) explaining only what is left; with a tiny local model."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from synthetic_atlas import write_synthetic_atlas
+
+from lexica.analysis.config import ExplainConfig
+from lexica.analysis.explain import (
+    Example,
+    ExplanationStore,
+    explain,
+    marked_text,
+    parse_features,
+    prompt_messages,
+    split_examples,
+)
+from lexica.analysis.explainers import LocalChat
+from lexica.analysis.sources import AnalysisError
+from lexica.cli import main as lexica_main
+
+NAME = "topk-1"
+
+
+def test_feature_specs():
+    assert parse_features("all", 4) == [0, 1, 2, 3]
+    assert parse_features("0-2,7, 5", 10) == [0, 1, 2, 7, 5]
+    assert parse_features("3,3,2-3", 10) == [3, 2]
+    assert parse_features("top:2", 4, np.array([0.1, 0.5, 0.5, 0.0])) == [1, 2]  # ties: the lower id
+    for bad, message in (("5-2", "runs backwards"), ("0-10", "outside 0-9"), ("x", "not an id"),
+                         ("top:0", "positive count"), ("top:3", None)):
+        with pytest.raises(AnalysisError, match=message or "features.parquet"):
+            parse_features(bad, 10)
+
+
+def test_prompts_mark_the_firing_tokens_and_hold_out_odd_ranks():
+    example = Example([" The", " fox", " and", " fox", "es", " ran"], [0, 2.0, 0, 1.0, 0.5, 0], 2.0)
+    assert marked_text(example) == "The «fox» and «foxes» ran"
+    rows = pa.table({"kind": ["top"] * 6 + ["quantile"] * 4, "rank": [0, 1, 2, 3, 4, 5, 0, 1, 2, 3],
+                     "activation": [9.0, 8, 7, 6, 5, 4, 1, 2, 3, 4],
+                     "tokens": [[f"t{i}"] for i in range(10)], "values": [[1.0]] * 10})
+    shown, held_out = split_examples(rows, max_examples=4)
+    assert [e.tokens[0] for e in shown] == ["t0", "t2", "t4", "t6"]  # top at even ranks, then quantile
+    assert len(shown) + len(held_out) == 10
+    user = prompt_messages(shown)[1]["content"]
+    assert len(re.findall(r"^Example \d+:", user, re.MULTILINE)) == 4
+
+
+class Recording:
+    """A local explainer that records its prompts, and can fail on a chosen call."""
+
+    def __init__(self, chat: LocalChat, fail_on_call: int | None = None):
+        self.chat, self.name, self.prompts, self.calls, self.fail_on_call = chat, chat.name, [], 0, fail_on_call
+
+    def complete(self, prompts):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("the explainer went away")
+        self.prompts += prompts
+        return self.chat.complete(prompts)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_models):
+    return LocalChat(str(tiny_models["llama"]), "cpu", max_new_tokens=4)
+
+
+def make_run(folder):
+    export = folder / "run" / "dictionaries" / NAME / "final"
+    export.mkdir(parents=True)
+    (export / "cfg.json").write_text("{}")
+    write_synthetic_atlas(str(folder / "run" / "analysis" / NAME), features=12, contexts_per_feature=12,
+                          tokens_per_context=10)
+    return str(folder / "run")
+
+
+def test_explanations_are_stored_and_a_rerun_skips_them(chat, tmp_path):
+    run = make_run(tmp_path)
+    recording = Recording(chat)
+    result = explain(ExplainConfig(run=run, features="0-5", explainer="unused", max_examples=3, batch_size=4),
+                     recording)
+    assert (result["explained"], result["already_explained"]) == (6, 0)
+    assert all(len(re.findall(r"^Example \d+:", messages[1]["content"], re.MULTILINE)) == 3
+               for messages in recording.prompts)  # never more examples than configured
+    store = ExplanationStore(f"{run}/analysis/{NAME}")
+    table = store.read()
+    assert sorted(table["feature"].to_pylist()) == list(range(6)) and len(store.parts()) == 2
+    assert set(table["explainer"].to_pylist()) == {chat.name} and min(table["prompt_tokens"].to_pylist()) > 20
+
+    again = Recording(chat)
+    result = explain(ExplainConfig(run=run, features="all", explainer="unused", max_examples=3, batch_size=4), again)
+    assert (result["explained"], result["already_explained"]) == (6, 6) and len(again.prompts) == 6
+    assert sorted(store.read()["feature"].to_pylist()) == list(range(12))
+
+
+def test_a_crash_keeps_every_committed_batch(chat, tmp_path):
+    run = make_run(tmp_path)
+    failing = Recording(chat, fail_on_call=2)
+    with pytest.raises(RuntimeError, match="went away"):
+        explain(ExplainConfig(run=run, features="all", explainer="unused", batch_size=5), failing)
+    store = ExplanationStore(f"{run}/analysis/{NAME}")
+    assert sorted(store.explained()) == list(range(5))  # the first batch was committed, the second never was
+    result = explain(ExplainConfig(run=run, features="all", explainer="unused", batch_size=5), Recording(chat))
+    assert (result["explained"], result["already_explained"]) == (7, 5)
+    assert sorted(store.read()["feature"].to_pylist()) == list(range(12))  # each feature exactly once
+
+
+def test_the_command_explains_with_a_local_model(tiny_models, tmp_path, capsys):
+    run = make_run(tmp_path)
+    arguments = ["explain", "--run", run, "--features", "top:3", "--explainer", str(tiny_models["llama"]),
+                 "--device", "cpu", "--set", "max_new_tokens=3"]
+    assert lexica_main(arguments) == 0
+    assert "explained 3 features (0 already were" in capsys.readouterr().out
+    assert lexica_main(["explain", "--run", run, "--features", "0-99", "--explainer", "x"]) == 2
+    assert "outside 0-11" in capsys.readouterr().err
+
+
+HOSTILE = '<img src=x onerror="window.__pwned=1"> harbour cities</script>'
+
+
+def test_explanations_show_in_the_browser_as_text_and_are_searchable(tmp_path, page):
+    from lexica.analysis.site import build_site
+
+    run = make_run(tmp_path)
+    atlas_folder = f"{run}/analysis/{NAME}"
+    store = ExplanationStore(atlas_folder)
+    store.commit([{"feature": 3, "explanation": "an old guess", "explainer": "m", "prompt_tokens": 9,
+                   "created_at": 1.0}])
+    store.commit([{"feature": 3, "explanation": HOSTILE, "explainer": "m", "prompt_tokens": 9, "created_at": 2.0},
+                  {"feature": 7, "explanation": "Ports and harbours", "explainer": "m", "prompt_tokens": 9,
+                   "created_at": 2.0}])
+    build_site(atlas_folder)
+    base = (tmp_path / "run" / "analysis" / NAME / "site").as_uri() + "/"
+    page.open(f"{base}feature.html#3")
+    page.page.wait_for_function("() => document.querySelector('h1')?.textContent === 'Feature 3'")
+    assert page.page.text_content("p.explanation") == HOSTILE  # the newest, shown literally
+    assert page.page.locator("main img").count() == 0
+    page.open(base + "index.html")
+    page.page.fill("#search", "harbour")
+    page.page.wait_for_function("() => document.body.dataset.query === 'harbour'")
+    rows = page.page.eval_on_selector_all("#features tbody tr", "rows => rows.map(r => Number(r.dataset.feature))")
+    assert rows == [3, 7]  # the word "harbour" first, then "harbours" (the query is its prefix)
+    assert page.page.text_content("#features tbody tr[data-feature='7'] td.explanation") == "Ports and harbours"
