@@ -106,11 +106,11 @@ class _SiteHandler(SimpleHTTPRequestHandler):
             if not isinstance(request, dict):
                 raise RequestError("the request body must be a JSON object")
             if route == "/api/tokens":
-                answer = self.live.tokens(request.get("text"), _feature(request.get("feature"), optional=True))
+                answer = self.live.tokens(request.get("text"), _integer("feature", request.get("feature"), True))
             else:
                 new_tokens = request.get("max_new_tokens", min(24, self.live.limits.max_new_tokens))
-                answer = self.live.steer(_feature(request.get("feature")), request.get("value", "2x"),
-                                         request.get("prompt"), _count(new_tokens))
+                answer = self.live.steer(_integer("feature", request.get("feature")), request.get("value", "2x"),
+                                         request.get("prompt"), _integer("max_new_tokens", new_tokens))
         except json.JSONDecodeError as error:
             self._answer(400, {"error": f"the request body is not JSON: {error}"})
         except RequestError as error:
@@ -121,7 +121,8 @@ class _SiteHandler(SimpleHTTPRequestHandler):
             self._answer(200, answer)
 
 
-def _feature(value: object, optional: bool = False) -> int | None:
+def _integer(name: str, value: object, optional: bool = False) -> int | None:
+    """A request field that must be an integer (``None`` for an optional one left out)."""
     from lexica.analysis.live import RequestError
 
     if optional and value in (None, ""):
@@ -129,16 +130,7 @@ def _feature(value: object, optional: bool = False) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise RequestError(f"feature = {value!r}; a feature id (an integer) is expected") from None
-
-
-def _count(value: object) -> int:
-    from lexica.analysis.live import RequestError
-
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"max_new_tokens = {value!r}; an integer is expected") from None
+        raise RequestError(f"{name} = {value!r}; an integer is expected") from None
 
 
 def allowed_hosts(host: str, port: int) -> frozenset[str]:

@@ -236,14 +236,14 @@ def map_layout(directions: torch.Tensor, seed: int = 0, neighbours: int = 15, mi
     layout = np.empty((count, 2), np.float32)
     layout[chosen] = laid_out(sampled, known_sample)
     rest = np.setdiff1d(np.arange(count), chosen)
-    found, values, _, _ = _placement_search(sampled, data[rest], seed)
+    found, values = _placement_search(sampled, data[rest], seed)
     weights = np.maximum(values, 0) ** 4 + 1e-12  # the closest sampled features dominate
     weights /= weights.sum(axis=1, keepdims=True)
     layout[rest] = np.einsum("nk,nkd->nd", weights, layout[chosen][found])
     return layout
 
 
-def _placement_search(sampled: np.ndarray, queries: np.ndarray, seed: int):
+def _placement_search(sampled: np.ndarray, queries: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's :data:`PLACEMENT_NEIGHBOURS` nearest sampled directions (an inverted file over the sample)."""
     faiss = _faiss()
     cells = max(1, int(math.sqrt(len(sampled))))
@@ -257,7 +257,7 @@ def _placement_search(sampled: np.ndarray, queries: np.ndarray, seed: int):
     missing = found < 0  # a probe found fewer than asked for: repeat the best
     found = np.where(missing, found[:, :1], found)
     values = np.where(missing, values[:, :1], values)
-    return found, values, cells, index.nprobe
+    return found, values
 
 
 def map_table(directions: torch.Tensor, clusters: int | None = None, seed: int = 0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lexica.analysis.monitor import text_codes
-from lexica.analysis.sources import AnalysisError, check_width, open_run
+from lexica.analysis.sources import check_width, open_run
 from lexica.analysis.steering import check_features, parse_value, resolve_values, steer
 from lexica.errors import LexicaError
 from lexica.models import load_causal_lm
@@ -112,5 +112,3 @@ def _text(text: object, name: str, limit: int) -> str:
         raise RequestError(f"{name} has {len(text):,} characters; this server takes at most {limit:,}", 413)
     return text
 
-
-__all__ = ["AnalysisError", "LiveLimits", "LiveModel", "RequestError"]

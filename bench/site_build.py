@@ -73,10 +73,11 @@ def browser_timings(site: Path, features: int, theme: str) -> dict:
                 "#features tbody tr", "rows => rows.map(r => r.dataset.feature)")]
         finally:
             browser.close()
-    summaries = {feature // 2048 for feature in shown}
+    from lexica.analysis.site import FEATURES_PER_SUMMARY
     from lexica.analysis.site_data import read_data_file
     from lexica.analysis.site_search import shard_of
 
+    summaries = {feature // FEATURES_PER_SUMMARY for feature in shown}
     _, meta = read_data_file((site / "data" / "meta.js").read_text())
     shard = site / "data" / "search" / f"{shard_of(theme, meta['search_shards'])}.js"
     loaded = shard.stat().st_size + sum((site / "data" / "summaries" / f"{block}.js").stat().st_size
