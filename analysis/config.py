@@ -147,25 +147,81 @@ def check_common(config, stage: str, checks: list[tuple[bool, str, str]]) -> Non
 
 
 @dataclass
-class ExplainConfig:
+class BackendOptions:
+    """How an explainer or scorer model is reached: a local chat model (in this process, or on Ray
+    actors) or an OpenAI-compatible endpoint (an http(s) URL)."""
+
+    device: str = knob("auto", "local model: auto (CUDA when present), cpu or cuda")
+    workers: int = knob(0, "local model: Ray actors each holding a copy (a GPU each when the cluster has GPUs); 0 "
+                           "runs it in this process")
+    batch_size: int = knob(8, "prompts a local model answers at a time")
+    endpoint_model: str | None = knob(None, "endpoint: the model name to ask for (default: the endpoint's only "
+                                            "model, from /v1/models)")
+    api_key_env: str = knob("OPENAI_API_KEY", "endpoint: the environment variable holding its API key (the key "
+                                              "itself is never written or logged)")
+    concurrency: int = knob(8, "endpoint: requests in flight at once")
+    retries: int = knob(4, "endpoint: retries of a failed request (timeouts, 429, 5xx), with exponential back-off")
+    request_timeout_s: float = knob(120.0, "endpoint: seconds one request may take")
+
+    def backend_checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.workers >= 0, "workers", ">= 0"), (self.batch_size >= 1, "batch_size", ">= 1"),
+                (self.concurrency >= 1, "concurrency", ">= 1"), (self.retries >= 0, "retries", ">= 0"),
+                (self.request_timeout_s > 0, "request_timeout_s", "> 0"),
+                (bool(self.api_key_env), "api_key_env", "an environment variable's name")]
+
+
+@dataclass
+class ExplainConfig(BackendOptions):
     """``lexica explain`` (the ``explain:`` section of a pipeline config, or flags)."""
 
     run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
     dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
     features: str = knob("top:100", "which features: all, a range 0-99, a list 1,5,9 (ranges allowed), or top:N by "
                                     "density")
-    explainer: str | None = knob(None, "the explainer: a local chat model's folder or hub id")
-    device: str = knob("auto", "auto (CUDA when present), cpu or cuda")
+    explainer: str | None = knob(None, "the explainer: a local chat model's folder or hub id, or an "
+                                       "OpenAI-compatible endpoint's URL (http://host:port/v1)")
     max_examples: int = knob(12, "activating examples shown to the explainer per feature (top examples first, then "
-                                 "quantile samples); the others are held out for scoring")
-    batch_size: int = knob(8, "prompts the explainer answers at a time")
+                                 "quantile samples, even ranks only); odd ranks are held out for scoring")
+    features_per_part: int = knob(8, "features explained per committed part (a crash loses at most these)")
     max_new_tokens: int = knob(40, "longest explanation, in tokens")
     site: bool = knob(True, "rebuild the atlas's site afterwards, so its pages and search show the explanations")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
 
     def validate(self) -> ExplainConfig:
         check_common(self, "explain", [
-            (bool(self.explainer), "explainer", "a chat model's folder or hub id"),
-            (self.max_examples >= 1, "max_examples", ">= 1"), (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1")])
+            (bool(self.explainer), "explainer", "a chat model's folder or hub id, or an endpoint URL"),
+            (self.max_examples >= 1, "max_examples", ">= 1"),
+            (self.features_per_part >= 1, "features_per_part", ">= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"), *self.backend_checks()])
+        return self
+
+
+@dataclass
+class ScoreConfig(BackendOptions):
+    """``lexica score`` (the ``score:`` section of a pipeline config, or flags)."""
+
+    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
+    store: str | None = knob(None, "activation store URL (default: the atlas's store), where negatives are checked")
+    model: str | None = knob(None, "model folder or hub id for its tokenizer (default: the atlas's model)")
+    features: str = knob("all", "which explained features: all, a range 0-99, a list 1,5,9, or top:N by density")
+    scorer: str | None = knob(None, "the scorer: a local chat model's folder or hub id, or an OpenAI-compatible "
+                                    "endpoint's URL")
+    positives: int = knob(10, "held-out activating examples per feature (odd ranks: never shown to the explainer)")
+    negatives: int = knob(10, "non-activating examples per feature, checked against the store")
+    hard_negatives: int = knob(5, "of the negatives, how many come from the feature's nearest neighbours' examples")
+    hard_from: int = knob(5, "nearest decoder neighbours whose examples are hard-negative candidates")
+    features_per_part: int = knob(8, "features scored per committed part")
+    group_features: int = knob(256, "features whose negatives are checked against the store in one pass")
+    seed: int = knob(0, "seed of the random negatives, wrong marks and baseline explanations")
+    site: bool = knob(True, "rebuild the atlas's site afterwards, so its pages show the scores")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> ScoreConfig:
+        check_common(self, "score", [
+            (bool(self.scorer), "scorer", "a chat model's folder or hub id, or an endpoint URL"),
+            (self.positives >= 1, "positives", ">= 1"), (self.negatives >= 1, "negatives", ">= 1"),
+            (0 <= self.hard_negatives <= self.negatives, "hard_negatives", "between 0 and negatives"),
+            (self.hard_from >= 0, "hard_from", ">= 0"), (self.features_per_part >= 1, "features_per_part", ">= 1"),
+            (self.group_features >= 1, "group_features", ">= 1"), *self.backend_checks()])
         return self

@@ -78,14 +78,20 @@ class Example:
     tokens: list[str]
     values: list[float]
     activation: float
+    doc_id: int = -1
+    position: int = -1
+    kind: str = "top"
+    band: int = -1
+    rank: int = 0
 
 
-def marked_text(example: Example) -> str:
-    """The example's text with each run of tokens the feature fires on wrapped in «...»."""
+def marked_text(example: Example, marks: list[bool] | None = None) -> str:
+    """The example's text with each run of marked tokens wrapped in «...»: by default the tokens the
+    feature fires on; ``marks`` (one per token) marks others (fuzzing's wrongly marked texts)."""
     pieces, inside = [], False
-    for token, value in zip(example.tokens, example.values, strict=True):
+    marks = [value > 0 for value in example.values] if marks is None else marks
+    for token, firing in zip(example.tokens, marks, strict=True):
         token = token or ""
-        firing = value > 0
         if firing and not inside:
             stripped = token.lstrip()
             pieces.append(token[:len(token) - len(stripped)] + MARK_OPEN)  # the space stays outside the mark
@@ -106,7 +112,8 @@ def split_examples(rows: pa.Table, max_examples: int) -> tuple[list[Example], li
     for kind in ("top", "quantile"):
         kind_rows = rows.filter(pc.equal(rows["kind"], kind)).sort_by("rank").to_pylist()
         for row in kind_rows:
-            example = Example(row["tokens"], row["values"], row["activation"])
+            example = Example(row["tokens"], row["values"], row["activation"], row.get("doc_id", -1),
+                              row.get("position", -1), kind, row.get("band", -1), row["rank"])
             (shown if row["rank"] % 2 == 0 and len(shown) < max_examples else held_out).append(example)
     return shown, held_out
 
@@ -141,14 +148,15 @@ def read_feature_rows(folder_url: str, name: str, features: list[int], columns: 
     return table.filter(pc.is_in(table["feature"], pa.array(wanted, pa.int32())))
 
 
-class ExplanationStore:
-    """The committed explanations of one atlas: Parquet parts under ``<atlas>/explanations/``."""
+class AtlasParts:
+    """Records committed to an atlas folder as Parquet parts (``<atlas>/<name>/part-*.parquet``), each
+    written atomically: a record exists exactly when the part holding it does."""
 
-    def __init__(self, atlas_url: str, storage_options: dict | None = None, fs=None):
+    def __init__(self, atlas_url: str, name: str, schema: pa.Schema, storage_options: dict | None = None, fs=None):
         """``fs`` given: ``atlas_url`` is that file system's path of the atlas folder."""
         if fs is None:
             fs, atlas_url = storage.url_to_fs(atlas_url, storage_options)
-        self.fs, self.folder = fs, storage.join(atlas_url, EXPLANATIONS)
+        self.fs, self.folder, self.schema = fs, storage.join(atlas_url, name), schema
 
     def parts(self) -> list[str]:
         if not storage.exists(self.fs, self.folder):
@@ -157,21 +165,22 @@ class ExplanationStore:
 
     def read(self) -> pa.Table:
         tables = [storage.open_parquet(self.fs, path).read(use_threads=False) for path in self.parts()]
-        return pa.concat_tables(tables) if tables else EXPLANATIONS_SCHEMA.empty_table()
+        return pa.concat_tables(tables).cast(self.schema) if tables else self.schema.empty_table()
 
-    def latest(self) -> pa.Table:
-        """``feature``, ``explanation`` sorted by feature, the newest explanation of each."""
+    def latest(self, columns: list[str] | None = None) -> pa.Table:
+        """The newest record of each feature, sorted by feature (``columns`` of it, default all)."""
         table = self.read().sort_by([("feature", "ascending"), ("created_at", "descending")])
         features = table["feature"].to_numpy()
         first = np.flatnonzero(np.diff(features, prepend=-1)) if len(features) else np.empty(0, np.int64)
-        return table.take(pa.array(first)).select(["feature", "explanation"])
+        latest = table.take(pa.array(first, pa.int64()))
+        return latest.select(columns) if columns else latest
 
-    def explained(self) -> set[int]:
+    def features(self) -> set[int]:
         return set(self.read().column("feature").to_pylist())
 
     def commit(self, rows: list[dict]) -> str:
-        """Write one part atomically: its features are explained once this returns."""
-        table = pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA)
+        """Write one part atomically: its records exist once this returns."""
+        table = pa.Table.from_pylist(rows, schema=self.schema)
         self.fs.makedirs(self.folder, exist_ok=True)
         path = storage.join(self.folder, f"part-{rows[0]['feature']:08d}-{uuid.uuid4().hex[:8]}.parquet")
         with storage.atomic_open(self.fs, path) as handle:
@@ -179,10 +188,23 @@ class ExplanationStore:
         return path
 
 
+class ExplanationStore(AtlasParts):
+    """The committed explanations of one atlas, under ``<atlas>/explanations/``."""
+
+    def __init__(self, atlas_url: str, storage_options: dict | None = None, fs=None):
+        super().__init__(atlas_url, EXPLANATIONS, EXPLANATIONS_SCHEMA, storage_options, fs)
+
+    def latest(self, columns: list[str] | None = None) -> pa.Table:
+        return super().latest(columns or ["feature", "explanation"])
+
+    def explained(self) -> set[int]:
+        return self.features()
+
+
 def explain(config: ExplainConfig, explainer=None) -> dict:
     """Explain the chosen features not yet explained; ``explainer`` (an object with ``name`` and
     ``complete(list of message lists) -> (texts, prompt token counts)``) defaults to a local chat model."""
-    from lexica.analysis.explainers import LocalChat
+    from lexica.analysis.explainers import open_backend
 
     config.validate()
     name = resolve_dictionary_name(config.run, config.dictionary, config.storage_options)
@@ -197,12 +219,12 @@ def explain(config: ExplainConfig, explainer=None) -> dict:
     store = ExplanationStore(folder, config.storage_options)
     done = store.explained()
     todo = [feature for feature in chosen if feature not in done]
-    explainer = explainer or LocalChat(config.explainer, config.device, config.max_new_tokens)
+    explainer = explainer or open_backend(config.explainer, config, config.max_new_tokens)
     progress = Progress("explain", len(todo), "features")
     columns = ["feature", "kind", "rank", "activation", "tokens", "values"]
     written, without_examples, prompt_total = 0, 0, 0
-    for start in range(0, len(todo), config.batch_size):
-        batch = todo[start:start + config.batch_size]
+    for start in range(0, len(todo), config.features_per_part):
+        batch = todo[start:start + config.features_per_part]
         rows = read_feature_rows(folder, "contexts", batch, columns, config.storage_options)
         prompts, asked = [], []
         for feature in batch:
@@ -231,7 +253,7 @@ def explain(config: ExplainConfig, explainer=None) -> dict:
 
 
 EXPLAIN_FLAGS = {"run": "run", "dictionary": "dictionary", "features": "features", "explainer": "explainer",
-                 "device": "device", "max_examples": "max_examples", "batch_size": "batch_size"}
+                 "device": "device", "workers": "workers", "max_examples": "max_examples", "batch_size": "batch_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:

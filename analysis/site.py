@@ -3,7 +3,8 @@
 ``<analysis folder>/site/`` holds
 
 - ``index.html`` (search and a paged list of features), ``feature.html`` (one template for every
-  feature: ``feature.html#<id>``) and ``map.html`` (the 2-D map, when ``map.parquet`` exists);
+  feature: ``feature.html#<id>``), ``map.html`` (the 2-D map, when ``map.parquet`` exists) and
+  ``concepts.html`` (with the map);
 - ``assets/``: the stylesheet and the page scripts;
 - ``data/meta.js``: the dictionary's facts and how the data is laid out;
 - ``data/vocab.js``: the string of every token id the atlas shows, once;
@@ -12,7 +13,10 @@
   lists (search results, the index, the map's hover);
 - ``data/search/<s>.js``: the word index, sharded (``analysis.site_search``);
 - ``data/map.js``: every mapped feature's position and cluster;
-- ``data/order-<by>.js``: the first 10,000 feature ids by density, by max activation, and rarest.
+- ``concepts.html`` and ``data/concepts.js``: the features grouped by map cluster, each cluster named
+  by the words its explanations share (``analysis.site_concepts``);
+- ``data/order-<by>.js``: the first 10,000 feature ids by density, by max activation, rarest, and best
+  explained (detection AUC).
 
 The file count grows with features / 1,024 (plus the search shards), never with the features
 themselves; ``analysis.site_data`` says how each file is encoded. The site opens from disk.
@@ -28,6 +32,7 @@ block of contexts plus a few numbers and words per feature, whatever the width.
 from __future__ import annotations
 
 import html
+import math
 import os
 import shutil
 import uuid
@@ -40,6 +45,7 @@ import pyarrow.compute as pc
 
 from lexica import storage
 from lexica.analysis import atlas
+from lexica.analysis.site_concepts import concepts_document
 from lexica.analysis.site_data import (
     data_script,
     feature_blocks,
@@ -62,7 +68,7 @@ from lexica.analysis.site_search import (
 from lexica.progress import Progress
 
 SITE_FOLDER = "site"
-ASSET_FILES = ("site.css", "common.js", "index.js", "feature.js", "map.js")
+ASSET_FILES = ("site.css", "common.js", "index.js", "feature.js", "map.js", "concepts.js")
 FEATURES_PER_CHUNK = 1024
 FEATURES_PER_SUMMARY = 2048
 TOP_TOKENS = 5  # a feature's most frequent example tokens, shown in lists
@@ -196,13 +202,20 @@ SUMMARY_EXPLANATION = 48  # characters of an explanation shown in lists (the pag
 
 
 class _Explanations:
-    """The atlas's explanations (``lexica explain``), newest per feature, sliced a block at a time."""
+    """The atlas's explanations (``lexica explain``), newest per feature, and the scores of those
+    explanations (``lexica score``), sliced a block at a time."""
 
     def __init__(self, fs, folder: str):
         from lexica.analysis.explain import ExplanationStore
+        from lexica.analysis.score import scores_store
 
         self.table = ExplanationStore(folder, fs=fs).latest()
         self.features = self.table["feature"].to_numpy().astype(np.int64)
+        scores = scores_store(folder, fs=fs).latest()
+        current = dict(zip(self.table["feature"].to_pylist(), self.table["explanation"].to_pylist(), strict=True))
+        # A score counts only for the explanation it scored (a feature explained again is unscored).
+        self.scores = {row["feature"]: row for row in scores.to_pylist()
+                       if current.get(row["feature"]) == row["explanation"]}
 
     def block(self, first: int, size: int = FEATURES_PER_CHUNK) -> pa.Table:
         start, stop = np.searchsorted(self.features, [first, first + size])
@@ -215,6 +228,31 @@ class _Explanations:
         for feature, text in zip(block["feature"].to_pylist(), block["explanation"].to_pylist(), strict=True):
             texts[feature - first] = text or ""
         return texts
+
+    def score(self, feature: int) -> dict | None:
+        """A feature page's scores: ``d``/``f`` detection/fuzzing [accuracy, F1, AUC], ``bd``/``bf`` the
+        baseline's, ``n`` [positives, negatives, hard negatives], ``by`` the scorer."""
+        row = self.scores.get(feature)
+        if row is None:
+            return None
+
+        def triple(prefix: str, test: str) -> list[float | None]:
+            return [None if row[f"{prefix}{test}_{metric}"] is None or math.isnan(row[f"{prefix}{test}_{metric}"])
+                    else round(float(row[f"{prefix}{test}_{metric}"]), 3) for metric in ("accuracy", "f1", "auc")]
+
+        return {"d": triple("", "detection"), "f": triple("", "fuzzing"), "bd": triple("baseline_", "detection"),
+                "bf": triple("baseline_", "fuzzing"), "n": [row["positives"], row["negatives"], row["hard_negatives"]],
+                "by": row["scorer"]}
+
+    def summary_scores(self, first: int, size: int, test: str) -> list[float | None]:
+        """``test``'s AUC (2 decimals, None if unscored) of each feature of ``[first, first + size)``."""
+        values: list[float | None] = [None] * size
+        for feature in range(first, first + size):
+            row = self.scores.get(feature)
+            value = row[f"{test}_auc"] if row else None
+            if value is not None and not math.isnan(value):
+                values[feature - first] = round(float(value), 2)
+        return values
 
 
 class _Vocabulary:
@@ -319,6 +357,8 @@ class _ChunkBuilder:
                                for i in kept]]
             if explained[index]:
                 head["x"] = explained[index]
+                if (scores := self.explanations.score(feature)) is not None:
+                    head["sc"] = scores
             if self.layout is not None and self.layout["mapped"][feature]:
                 head["m"] = [round(float(self.layout["x"][feature]), 4), round(float(self.layout["y"][feature]), 4),
                              int(self.layout["cluster"][feature])]
@@ -374,14 +414,20 @@ class _ChunkBuilder:
         return [int(occupied[0]), counts[occupied[0]:occupied[-1] + 1].tolist()]
 
 
-def _orderings(features: _Features) -> dict[str, np.ndarray]:
-    """The first :data:`ORDERED_FEATURES` feature ids by density, by max activation, and rarest that fired
-    (ties: the lower id), for the index's other listings."""
+def _orderings(features: _Features, explanations: _Explanations) -> dict[str, np.ndarray]:
+    """The first :data:`ORDERED_FEATURES` feature ids by density, by max activation, rarest that fired,
+    and best explained (detection AUC of scored features) (ties: the lower id), for the index's other
+    listings."""
     ids = np.flatnonzero(features.present)
     fired = ids[features.fires[ids] > 0]
+    scored = np.array(sorted(feature for feature, row in explanations.scores.items()
+                             if row["detection_auc"] is not None and not math.isnan(row["detection_auc"])
+                             and feature < features.count), dtype=np.int64)
+    auc = np.array([explanations.scores[feature]["detection_auc"] for feature in scored.tolist()])
     return {"density": ids[np.lexsort((ids, -features.density[ids]))][:ORDERED_FEATURES],
             "max": ids[np.lexsort((ids, -features.max_activation[ids]))][:ORDERED_FEATURES],
-            "rare": fired[np.lexsort((fired, features.density[fired]))][:ORDERED_FEATURES]}
+            "rare": fired[np.lexsort((fired, features.density[fired]))][:ORDERED_FEATURES],
+            "score": scored[np.lexsort((scored, -auc))][:ORDERED_FEATURES] if len(scored) else scored}
 
 
 def _read_layout(fs, folder: str, count: int) -> dict | None:
@@ -435,7 +481,7 @@ def _page(title: str, body_class: str, body: str, scripts: tuple[str, ...]) -> s
 
 
 def _nav(has_map: bool) -> str:
-    map_link = '<a href="map.html">map</a>' if has_map else ""
+    map_link = '<a href="map.html">map</a><a href="concepts.html">concepts</a>' if has_map else ""
     return f'<nav class="bar"><a href="index.html">Lexica atlas</a>{map_link}<span id="dictionary"></span></nav>'
 
 
@@ -445,7 +491,8 @@ def _index_page(name: str, has_map: bool) -> str:
             'placeholder="Search: feature id, token or context word (prefix)" aria-label="search features">'
             '<label>list <select id="order" aria-label="list features by"><option value="id">by id</option>'
             '<option value="density">densest first</option><option value="max">strongest first (max act.)</option>'
-            '<option value="rare">rarest that fired</option></select></label>'
+            '<option value="rare">rarest that fired</option><option value="score">best explained (detection AUC)'
+            '</option></select></label>'
             '<span id="status" role="status"></span></div>'
             '<section id="live-text" hidden><h2>Test your text</h2>'
             '<textarea id="text" rows="3" spellcheck="false" placeholder="Type text to see the features that fire on '
@@ -454,7 +501,8 @@ def _index_page(name: str, has_map: bool) -> str:
             '<button id="analyse" type="button">Show features</button><span id="text-status" role="status"></span>'
             '</div><div id="text-tokens" class="ctx"></div><div id="token-features"></div></section>'
             '<table id="features"><thead><tr><th>feature</th><th>density</th><th>max act.</th>'
-            '<th>top tokens</th><th>explanation</th><th>matched</th><th>cluster</th></tr></thead><tbody></tbody>'
+            '<th>top tokens</th><th>explanation</th><th title="detection / fuzzing AUC of the explanation">score</th>'
+            '<th>matched</th><th>cluster</th></tr></thead><tbody></tbody>'
             '</table>'
             '<div class="pager"><button id="previous" type="button">← previous</button><span id="page"></span>'
             '<button id="next" type="button">next →</button></div></main>')
@@ -464,6 +512,14 @@ def _index_page(name: str, has_map: bool) -> str:
 def _feature_page(name: str, has_map: bool) -> str:
     body = (f'{_nav(has_map)}<main id="feature"><p class="empty" id="loading">Loading…</p></main>')
     return _page(f"Feature · {name} · Lexica atlas", "feature-page", body, ("assets/feature.js",))
+
+
+def _concepts_page(name: str) -> str:
+    body = (f'{_nav(True)}<main><h1>Concepts</h1><p class="summary" id="concepts-facts"></p>'
+            '<div class="controls"><input id="filter" type="search" autocomplete="off" spellcheck="false" '
+            'placeholder="Filter: a word of the concepts or their explanations" aria-label="filter concepts">'
+            '<span id="status" role="status"></span></div><div id="concepts"></div></main>')
+    return _page(f"Concepts · {name} · Lexica atlas", "concepts-page", body, ("assets/concepts.js",))
 
 
 def _map_page(name: str) -> str:
@@ -557,7 +613,9 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
                     "top": [[int(t) for t in row if t >= 0] for row in features.top_tokens[first:last]],
                     "cl": layout["cluster"][first:last].tolist() if layout is not None else None,
                     "ex": [text[:SUMMARY_EXPLANATION] + ("…" if len(text) > SUMMARY_EXPLANATION else "")
-                           for text in explanations.texts(first, last - first)]}
+                           for text in explanations.texts(first, last - first)],
+                    "sd": explanations.summary_scores(first, last - first, "detection"),
+                    "sf": explanations.summary_scores(first, last - first, "fuzzing")}
         writer.add(f"data/summaries/{first // FEATURES_PER_SUMMARY}.js",
                    data_script(f"summaries/{first // FEATURES_PER_SUMMARY}", "json", packed_json(document)))
 
@@ -581,7 +639,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
     progress.update(2 * chunks, tokens, final=True)
     writer.add("data/vocab.js", data_script("vocab", "json", packed_json(vocabulary.document())))
 
-    for name, ids in _orderings(features).items():
+    for name, ids in _orderings(features, explanations).items():
         writer.add(f"data/order-{name}.js", data_script(f"order-{name}", "bin", packed(ids.astype("<i4").tobytes())))
 
     has_map = layout is not None and bool(layout["mapped"].any())
@@ -590,6 +648,15 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
         map_script, map_facts = _map_file(layout)
         writer.add("data/map.js", map_script)
         writer.add("map.html", _map_page(str(summary.get("dictionary", "atlas"))))
+        concepts = concepts_document(
+            layout["cluster"], layout["mapped"], features.density,
+            dict(zip(explanations.table["feature"].to_pylist(), explanations.table["explanation"].to_pylist(),
+                     strict=True)),
+            {feature: row["detection_auc"] for feature, row in explanations.scores.items()
+             if row["detection_auc"] is not None and not math.isnan(row["detection_auc"])},
+            lambda feature: [vocabulary.strings[t] for t in features.top_tokens[feature] if t >= 0])
+        writer.add("data/concepts.js", data_script("concepts", "json", packed_json(concepts)))
+        writer.add("concepts.html", _concepts_page(str(summary.get("dictionary", "atlas"))))
     name = str(summary.get("dictionary", "atlas"))
     writer.add("feature.html", _feature_page(name, has_map))
     meta = {"dictionary": name, "facts": _facts(summary), "features": count,
@@ -599,6 +666,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
             "histogram_edges": [float(edge) for edge in summary.get("histogram_edges") or atlas.HISTOGRAM_EDGES],
             "has_logits": logits_path is not None, "has_neighbours": neighbours_path is not None,
             "has_map": has_map, "map": map_facts, "levels": 255, "explained": explanations.table.num_rows,
+            "scored": len(explanations.scores),
             "id_bytes": 2 if vocabulary.id_type == "<u2" else 4}
     writer.add("data/meta.js", data_script("meta", "json", packed_json(meta)))
     return meta

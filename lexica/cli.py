@@ -34,6 +34,8 @@ COMMANDS = {
                       "serve a dictionary's feature browser on 127.0.0.1 (test your text, steering)"),
     "explain": Command("lexica.analysis.explain", "main", "explain features with an explainer model, stored with the "
                                                           "atlas"),
+    "score": Command("lexica.analysis.score", "main", "score explanations: detection and fuzzing on held-out examples, "
+                                                      "against a baseline"),
     "pipeline": Command("lexica.deploy.pipeline", "main", "harvest, train and analysis in order in one process"),
     "submit": Command("lexica.deploy.submit", "main", "run the pipeline (or some stages) as a job on a Ray cluster"),
 }

@@ -41,9 +41,10 @@ def flag_list(flags: dict[str, str], extra: tuple[str, ...] = ()) -> str:
 
 def markdown() -> str:
     from lexica.analysis.cli import FLAGS as ANALYSIS_FLAGS
-    from lexica.analysis.config import AnalysisConfig, ExplainConfig, MonitorConfig, SteerConfig
+    from lexica.analysis.config import AnalysisConfig, ExplainConfig, MonitorConfig, ScoreConfig, SteerConfig
     from lexica.analysis.explain import EXPLAIN_FLAGS
     from lexica.analysis.monitor import MONITOR_FLAGS
+    from lexica.analysis.score import SCORE_FLAGS
     from lexica.analysis.steering import STEER_FLAGS
     from lexica.harvest.cli import FLAG_TARGETS as HARVEST_FLAGS
     from lexica.harvest.config import HarvestConfig
@@ -78,7 +79,11 @@ def markdown() -> str:
         "`--watch IDS`", "`--texts FILE`", "`--jsonl FILE`", "`--json`")) + ".", ""]
     lines += table(MonitorConfig) + [""]
     lines += ["## `explain:` — `lexica explain`", "", "Flags: " + flag_list(EXPLAIN_FLAGS) + ".", ""]
-    lines += table(ExplainConfig)
+    lines += table(ExplainConfig) + [""]
+    lines += ["An `explainer` or `scorer` that starts with `http://` or `https://` is an OpenAI-compatible "
+              "endpoint; anything else is a local chat model.", ""]
+    lines += ["## `score:` — `lexica score`", "", "Flags: " + flag_list(SCORE_FLAGS) + ".", ""]
+    lines += table(ScoreConfig)
     return "\n".join(lines) + "\n"
 
 

@@ -82,7 +82,7 @@ def make_run(folder):
 def test_explanations_are_stored_and_a_rerun_skips_them(chat, tmp_path):
     run = make_run(tmp_path)
     recording = Recording(chat)
-    result = explain(ExplainConfig(run=run, features="0-5", explainer="unused", max_examples=3, batch_size=4),
+    result = explain(ExplainConfig(run=run, features="0-5", explainer="unused", max_examples=3, features_per_part=4),
                      recording)
     assert (result["explained"], result["already_explained"]) == (6, 0)
     assert all(len(re.findall(r"^Example \d+:", messages[1]["content"], re.MULTILINE)) == 3
@@ -93,7 +93,8 @@ def test_explanations_are_stored_and_a_rerun_skips_them(chat, tmp_path):
     assert set(table["explainer"].to_pylist()) == {chat.name} and min(table["prompt_tokens"].to_pylist()) > 20
 
     again = Recording(chat)
-    result = explain(ExplainConfig(run=run, features="all", explainer="unused", max_examples=3, batch_size=4), again)
+    result = explain(ExplainConfig(run=run, features="all", explainer="unused", max_examples=3, features_per_part=4),
+                     again)
     assert (result["explained"], result["already_explained"]) == (6, 6) and len(again.prompts) == 6
     assert sorted(store.read()["feature"].to_pylist()) == list(range(12))
 
@@ -102,10 +103,10 @@ def test_a_crash_keeps_every_committed_batch(chat, tmp_path):
     run = make_run(tmp_path)
     failing = Recording(chat, fail_on_call=2)
     with pytest.raises(RuntimeError, match="went away"):
-        explain(ExplainConfig(run=run, features="all", explainer="unused", batch_size=5), failing)
+        explain(ExplainConfig(run=run, features="all", explainer="unused", features_per_part=5), failing)
     store = ExplanationStore(f"{run}/analysis/{NAME}")
     assert sorted(store.explained()) == list(range(5))  # the first batch was committed, the second never was
-    result = explain(ExplainConfig(run=run, features="all", explainer="unused", batch_size=5), Recording(chat))
+    result = explain(ExplainConfig(run=run, features="all", explainer="unused", features_per_part=5), Recording(chat))
     assert (result["explained"], result["already_explained"]) == (7, 5)
     assert sorted(store.read()["feature"].to_pylist()) == list(range(12))  # each feature exactly once
 
@@ -146,3 +147,80 @@ def test_explanations_show_in_the_browser_as_text_and_are_searchable(tmp_path, p
     rows = page.page.eval_on_selector_all("#features tbody tr", "rows => rows.map(r => Number(r.dataset.feature))")
     assert rows == [3, 7]  # the word "harbour" first, then "harbours" (the query is its prefix)
     assert page.page.text_content("#features tbody tr[data-feature='7'] td.explanation") == "Ports and harbours"
+
+
+def score_row(feature: int, explanation: str, detection_auc: float, created_at: float = 3.0) -> dict:
+    from lexica.analysis.score import SCORES_SCHEMA
+
+    row = {name: 0.5 for name in SCORES_SCHEMA.names if name.endswith(("accuracy", "f1", "auc"))}
+    row.update({"feature": feature, "explanation": explanation, "scorer": "scorer-m", "detection_auc": detection_auc,
+                "fuzzing_auc": 0.61, "baseline_detection_auc": 0.48, "baseline_feature": 1, "positives": 10,
+                "negatives": 10, "hard_negatives": 5, "prompt_tokens": 900, "created_at": created_at})
+    return row
+
+
+def test_scores_and_concepts_show_in_the_browser(tmp_path, page):
+    from lexica.analysis.score import scores_store
+    from lexica.analysis.site import build_site
+
+    run = make_run(tmp_path)
+    atlas_folder = f"{run}/analysis/{NAME}"
+    ExplanationStore(atlas_folder).commit([
+        {"feature": 3, "explanation": HOSTILE, "explainer": "m", "prompt_tokens": 9, "created_at": 2.0},
+        {"feature": 7, "explanation": "Ports and harbours", "explainer": "m", "prompt_tokens": 9, "created_at": 2.0},
+        {"feature": 9, "explanation": "harbour cranes", "explainer": "m", "prompt_tokens": 9, "created_at": 2.0}])
+    scores_store(atlas_folder).commit([score_row(3, HOSTILE, 0.7), score_row(7, "Ports and harbours", 0.9),
+                                       score_row(9, "an explanation since replaced", 0.95)])
+    build_site(atlas_folder)
+    base = (tmp_path / "run" / "analysis" / NAME / "site").as_uri() + "/"
+    page.open(f"{base}feature.html#7")
+    page.page.wait_for_function("() => document.querySelector('h1')?.textContent === 'Feature 7'")
+    cells = page.page.eval_on_selector_all("table.score-table tr", "rows => rows.map(r => r.innerText)")
+    assert cells[1].split("\t") == ["detection", "0.50", "0.50", "0.90"]
+    assert cells[2].split("\t")[-1] == "0.48"  # the baseline: another feature's explanation
+    assert "Scored by scorer-m on 10 held-out activating and 10 non-activating texts (5 from" in \
+        page.page.text_content("div.scores")
+    page.open(f"{base}feature.html#9")
+    page.page.wait_for_function("() => document.querySelector('h1')?.textContent === 'Feature 9'")
+    assert page.page.locator("table.score-table").count() == 0  # its score was of another explanation
+
+    page.open(base + "index.html")
+    page.page.select_option("#order", "score")
+    page.page.wait_for_function("() => document.body.dataset.listed === 'score'")
+    rows = page.page.eval_on_selector_all("#features tbody tr", "rows => rows.map(r => Number(r.dataset.feature))")
+    assert rows == [7, 3]  # best explained first; feature 9's stale score is not listed
+    assert page.page.text_content("#features tbody tr[data-feature='7'] td.score") == "0.90 / 0.61"
+
+    page.open(base + "concepts.html")
+    texts = page.page.eval_on_selector_all("section.concept", "cards => cards.map(c => c.innerText)")
+    assert texts and all("cluster" in text for text in texts)
+    page.page.fill("#filter", "harbour")
+    page.page.wait_for_function("() => document.body.dataset.filter === 'harbour'")
+    found = page.page.eval_on_selector_all("section.concept", "cards => cards.map(c => c.innerText)")
+    assert found and all("harbour" in text.lower() for text in found)
+    assert any("Ports and harbours" in text for text in found) and any(HOSTILE in text for text in found)
+    named = page.page.eval_on_selector_all("section.concept", "cards => cards.filter(c => c.innerText.includes("
+                                           "'Ports and harbours')).map(c => c.querySelector('.words').textContent)")
+    assert "harbours" in named[0].split(" · ") and "ports" in named[0].split(" · ")  # named by its explanations
+    assert page.page.locator("main img").count() == 0
+    page.assert_inert()
+
+
+def test_ray_actors_give_the_answers_of_one_process(chat, tiny_models, tmp_path, ray_cluster):
+    """Prompts split across two Ray actors, each holding the model: the same (greedy) explanations and
+    probabilities, in the prompts' order, as the model in this process."""
+    from lexica.analysis.chat_actors import ActorChat
+
+    options = ExplainConfig(run="unused", explainer="unused", device="cpu", workers=2, batch_size=2)
+    actors = ActorChat(str(tiny_models["llama"]), options, max_new_tokens=4)
+    try:
+        run = make_run(tmp_path)
+        recording = Recording(chat)
+        explain(ExplainConfig(run=run, features="0-4", explainer="unused", max_examples=3, site=False), recording)
+        answers, tokens = actors.complete(recording.prompts)
+        assert (answers, tokens) == chat.complete(recording.prompts)
+        assert len(answers) == 5
+        probabilities, _ = actors.yes_probability(recording.prompts)
+        assert np.allclose(probabilities, chat.yes_probability(recording.prompts)[0], atol=1e-5)
+    finally:
+        actors.close()

@@ -83,7 +83,7 @@
     const document = await json("summaries/" + block);
     const row = feature - document.first;
     if (!document.present[row]) return null;
-    return { feature, density: document.d[row], max: document.mx[row], top: document.top[row], cluster: document.cl ? document.cl[row] : null, explanation: document.ex ? document.ex[row] : "" };
+    return { feature, density: document.d[row], max: document.mx[row], top: document.top[row], cluster: document.cl ? document.cl[row] : null, explanation: document.ex ? document.ex[row] : "", detection: document.sd ? document.sd[row] : null, fuzzing: document.sf ? document.sf[row] : null };
   }
 
   // The search shard of a word: FNV-1a of the UTF-8 of its first three characters, as site_search.py.

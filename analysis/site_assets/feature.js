@@ -60,6 +60,27 @@
     return item;
   }
 
+  // How well the explanation lets a scorer find where the feature fires (lexica score), beside the
+  // same scorer given another feature's explanation.
+  function scores(sc) {
+    const box = element("div", "scores");
+    const table = element("table", "score-table");
+    const headRow = element("tr");
+    for (const label of ["", "accuracy", "F1", "AUC"]) headRow.appendChild(element("th", "", label));
+    table.appendChild(headRow);
+    const cell = (value) => (value === null || value === undefined ? "–" : value.toFixed(2));
+    for (const [label, values] of [["detection", sc.d], ["  baseline", sc.bd], ["fuzzing", sc.f], ["  baseline", sc.bf]]) {
+      const tr = element("tr", label.trim() === "baseline" ? "baseline" : "");
+      tr.appendChild(element("th", "", label.trim() === "baseline" ? "baseline (another feature's explanation)" : label));
+      for (const value of values) tr.appendChild(element("td", "", cell(value)));
+      table.appendChild(tr);
+    }
+    box.appendChild(table);
+    box.appendChild(element("p", "hint", "Scored by " + sc.by + " on " + sc.n[0] + " held-out activating and " + sc.n[1] +
+      " non-activating texts (" + sc.n[2] + " from neighbouring features)."));
+    return box;
+  }
+
   function section(title) {
     const box = element("section");
     box.appendChild(element("h2", "", title));
@@ -107,6 +128,7 @@
     document.title = "Feature " + feature + " · " + meta.dictionary + " · Lexica atlas";
     page.appendChild(element("h1", "", "Feature " + feature));
     if (head.x) page.appendChild(element("p", "explanation", head.x));
+    if (head.sc) page.appendChild(scores(head.sc));
     const stats = element("dl", "stats");
     for (const [label, value] of [["density", number(head.d, 4)], ["fires", head.n.toLocaleString("en")], ["max activation", number(head.mx, 4)], ["mean activation", number(head.mn, 4)]]) {
       const pair = element("div");

@@ -61,6 +61,8 @@
       tokens.appendChild(chips(strings, facts.top));
       tr.appendChild(tokens);
       tr.appendChild(element("td", "explanation", facts.explanation));
+      tr.appendChild(element("td", "score", facts.detection === null || facts.detection === undefined ? "" :
+        facts.detection.toFixed(2) + " / " + (facts.fuzzing === null ? "–" : facts.fuzzing.toFixed(2))));
       tr.appendChild(element("td", "", row.word));
       tr.appendChild(element("td", "", facts.cluster === null ? "" : String(facts.cluster)));
       rows.appendChild(tr);
@@ -83,7 +85,7 @@
 
   // Other listings than by id: the first 10,000 features of each order, precomputed by the build.
   const order = document.getElementById("order");
-  const ORDER_NAMES = { density: "density", max: "max act.", rare: "rare" };
+  const ORDER_NAMES = { density: "density", max: "max act.", rare: "rare", score: "detection AUC" };
   async function listed() {
     if (order.value === "id") return null;
     const bytes = await window.lexica.binary("order-" + order.value);
