@@ -18,6 +18,10 @@
 - ``map.parquet``: ``feature``, ``x``, ``y`` (2-D map of decoder directions: t-SNE or UMAP), ``cluster``;
 - ``summary.json``: dictionary, store, model, hook, ``d_sae``, tokens counted, histogram edges,
   the configuration and timings of the run that wrote it;
+- ``explanations/`` (``lexica explain``) and ``scores/`` (``lexica score``): Parquet parts, one row
+  per feature each, written atomically (``analysis.explain``, ``analysis.score``);
+- ``steering_evaluation.parquet`` (``lexica steer --evaluate``): one row per feature, method,
+  strength and prompt: the continuation and its measures (``analysis.steer_eval``);
 - ``site/``: the feature browser (``analysis/site.py``).
 """
 
@@ -61,6 +65,13 @@ ROW_GROUP_ROWS = 65536
 
 TABLES = {"features": FEATURES_SCHEMA, "contexts": CONTEXTS_SCHEMA, "logits": LOGITS_SCHEMA,
           "neighbours": NEIGHBOURS_SCHEMA, "map": MAP_SCHEMA}
+STEERING_EVALUATION_SCHEMA = pa.schema([
+    ("feature", pa.int32()), ("method", pa.string()), ("strength", pa.string()), ("prompt", pa.string()),
+    ("text", pa.string()), ("activation", pa.float32()), ("relative_activation", pa.float32()),
+    ("firing_share", pa.float32()), ("judge_yes", pa.float32()), ("perplexity", pa.float32()),
+])
+# Tables other commands add to an atlas (``lexica steer --evaluate``).
+LATER_TABLES = {"steering_evaluation": STEERING_EVALUATION_SCHEMA}
 
 
 class AtlasMissingError(LexicaError, FileNotFoundError):
@@ -74,7 +85,7 @@ def histogram_bin(values: np.ndarray) -> np.ndarray:
 
 def write_table(folder_url: str, name: str, table: pa.Table, storage_options: dict | None = None) -> str:
     """Write one atlas table atomically (temp file + rename locally, one PUT on object storage)."""
-    schema = TABLES[name]
+    schema = TABLES.get(name) or LATER_TABLES[name]
     if not table.schema.equals(schema):
         table = table.select(schema.names).cast(schema)
     fs, folder = storage.url_to_fs(folder_url, storage_options)

@@ -225,3 +225,34 @@ class ScoreConfig(BackendOptions):
             (self.hard_from >= 0, "hard_from", ">= 0"), (self.features_per_part >= 1, "features_per_part", ">= 1"),
             (self.group_features >= 1, "group_features", ">= 1"), *self.backend_checks()])
         return self
+
+
+NEUTRAL_PROMPTS = ["I think that", "The next thing we did was", "Here is a short story:",
+                   "My favourite part of the day is", "In the news today,", "Let me tell you about"]
+
+
+@dataclass
+class SteerEvalConfig(BackendOptions):
+    """``lexica steer --evaluate`` (the ``steer_evaluation:`` section of a pipeline config, or flags);
+    the backend options are the judge's."""
+
+    run: str | None = knob(None, "run folder URL (required: flag, config or the config's top-level run)")
+    dictionary: str | None = knob(None, "dictionary name under <run>/dictionaries/ (default: the newest export)")
+    store: str | None = knob(None, "activation store URL (default: the one the dictionary was trained on)")
+    model: str | None = knob(None, "model folder or hub id (default: the store's model)")
+    features: str = knob("top:20", "which features: all, a range 0-99, a list 1,5,9, or top:N by density")
+    strengths: str = knob("4x", "steering strengths, multiples of each feature's max activation (comma list: 2x,4x)")
+    prompts: list = knob(NEUTRAL_PROMPTS, "neutral prompts the model continues")
+    max_new_tokens: int = knob(24, "tokens generated per continuation (greedy)")
+    judge: str | None = knob(None, "the judge of continuations against explanations: a local chat model's folder or "
+                                   "an endpoint URL (default: no judgement)")
+    seed: int = knob(0, "generation seed")
+    storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
+
+    def validate(self) -> SteerEvalConfig:
+        check_common(self, "steer_evaluation", [
+            (bool(self.strengths.strip()), "strengths", "multiples like 2x,4x"),
+            (bool(self.prompts) and all(isinstance(p, str) and p.strip() for p in self.prompts), "prompts",
+             "a list of non-empty prompts"),
+            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"), *self.backend_checks()])
+        return self

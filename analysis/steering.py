@@ -351,6 +351,10 @@ def describe(result: SteeringResult) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--evaluate" in argv:
+        from lexica.analysis.steer_eval import main as evaluate_main
+
+        return evaluate_main(argv)
     args = build_parser().parse_args(argv)
     values = stage_section(args.config, "steer") if args.config else {}
     values = apply_overrides(SteerConfig, values, args, STEER_FLAGS, args.set)

@@ -41,10 +41,18 @@ def flag_list(flags: dict[str, str], extra: tuple[str, ...] = ()) -> str:
 
 def markdown() -> str:
     from lexica.analysis.cli import FLAGS as ANALYSIS_FLAGS
-    from lexica.analysis.config import AnalysisConfig, ExplainConfig, MonitorConfig, ScoreConfig, SteerConfig
+    from lexica.analysis.config import (
+        AnalysisConfig,
+        ExplainConfig,
+        MonitorConfig,
+        ScoreConfig,
+        SteerConfig,
+        SteerEvalConfig,
+    )
     from lexica.analysis.explain import EXPLAIN_FLAGS
     from lexica.analysis.monitor import MONITOR_FLAGS
     from lexica.analysis.score import SCORE_FLAGS
+    from lexica.analysis.steer_eval import EVALUATE_FLAGS
     from lexica.analysis.steering import STEER_FLAGS
     from lexica.harvest.cli import FLAG_TARGETS as HARVEST_FLAGS
     from lexica.harvest.config import HarvestConfig
@@ -83,7 +91,10 @@ def markdown() -> str:
     lines += ["An `explainer` or `scorer` that starts with `http://` or `https://` is an OpenAI-compatible "
               "endpoint; anything else is a local chat model.", ""]
     lines += ["## `score:` — `lexica score`", "", "Flags: " + flag_list(SCORE_FLAGS) + ".", ""]
-    lines += table(ScoreConfig)
+    lines += table(ScoreConfig) + [""]
+    lines += ["## `steer_evaluation:` — `lexica steer --evaluate`", "", "Flags: " + flag_list(EVALUATE_FLAGS) + ".",
+              "", "The endpoint and local-model options are the judge's.", ""]
+    lines += table(SteerEvalConfig)
     return "\n".join(lines) + "\n"
 
 
