@@ -18,6 +18,8 @@
 - ``map.parquet``: ``feature``, ``x``, ``y`` (2-D map of decoder directions: t-SNE or UMAP), ``cluster``;
 - ``summary.json``: dictionary, store, model, hook, ``d_sae``, tokens counted, histogram edges,
   the configuration and timings of the run that wrote it;
+- ``labels.parquet`` (with ``analysis.label_field``, e.g. ``lang``): ``feature``, ``labels`` and
+  ``counts``: how many of its shown examples come from documents of each label, most first;
 - ``explanations/`` (``lexica explain``) and ``scores/`` (``lexica score``): Parquet parts, one row
   per feature each, written atomically (``analysis.explain``, ``analysis.score``);
 - ``steering_evaluation.parquet`` (``lexica steer --evaluate``): one row per feature, method,
@@ -70,8 +72,10 @@ STEERING_EVALUATION_SCHEMA = pa.schema([
     ("text", pa.string()), ("activation", pa.float32()), ("relative_activation", pa.float32()),
     ("firing_share", pa.float32()), ("judge_yes", pa.float32()), ("perplexity", pa.float32()),
 ])
-# Tables other commands add to an atlas (``lexica steer --evaluate``).
-LATER_TABLES = {"steering_evaluation": STEERING_EVALUATION_SCHEMA}
+LABELS_SCHEMA = pa.schema([("feature", pa.int32()), ("labels", pa.list_(pa.string())),
+                           ("counts", pa.list_(pa.int32()))])
+# Tables only some atlases have: labels (``analysis.label_field``) and ``lexica steer --evaluate``'s.
+LATER_TABLES = {"labels": LABELS_SCHEMA, "steering_evaluation": STEERING_EVALUATION_SCHEMA}
 
 
 class AtlasMissingError(LexicaError, FileNotFoundError):

@@ -48,6 +48,8 @@ class AnalysisConfig:
                                   "their nearest sampled features")
     clusters: int | None = knob(None, "k-means clusters of decoder directions (default sqrt(features / 2))")
     site: bool = knob(True, "build the static HTML feature browser under site/")
+    label_field: str | None = knob(None, "a field of the corpus rows labelling documents (e.g. lang): each feature's "
+                                         "shown examples are counted by label (labels.parquet, feature pages)")
     ray_address: str | None = knob(None, "Ray cluster address; default RAY_ADDRESS, else an embedded local Ray")
     storage_options: dict = knob({}, "fsspec options for the run URL; never credentials")
 

@@ -60,6 +60,13 @@ def build_atlas(config: AnalysisConfig) -> dict:
     timed("contexts", lambda: atlas.write_table_in_parts(
         folder, "contexts", contexts_in_passes(store, module, examples, tokenizer, config), config.storage_options))
     examples = None
+    if config.label_field:
+        from lexica.analysis.labels import document_labels, label_profiles
+
+        labels = document_labels(store.manifest["corpus"], config.label_field, config.storage_options)
+        contexts = atlas.read_table(folder, "contexts", config.storage_options).select(["feature", "doc_id"])
+        atlas.write_table(folder, "labels", label_profiles(contexts, labels), config.storage_options)
+        contexts = labels = None
 
     readout = timed("load model head", lambda: load_readout(model))
     logits = timed("logit effects", lambda: logit_effects(module.W_dec, readout, tokenizer, config.logit_tokens))

@@ -301,8 +301,10 @@ def _doc_number(value: int) -> int | str:
 class _ChunkBuilder:
     """Second pass: the records of one block of features."""
 
-    def __init__(self, features: _Features, layout: dict | None, vocabulary: _Vocabulary, explanations: _Explanations):
+    def __init__(self, features: _Features, layout: dict | None, vocabulary: _Vocabulary, explanations: _Explanations,
+                 labels: dict[int, list] | None = None):
         self.features, self.layout, self.vocabulary, self.explanations = features, layout, vocabulary, explanations
+        self.labels = labels or {}
         self.density = significant(features.density)
         self.maximum = significant(features.max_activation)
         self.mean = significant(features.mean_activation)
@@ -359,6 +361,8 @@ class _ChunkBuilder:
                 head["x"] = explained[index]
                 if (scores := self.explanations.score(feature)) is not None:
                     head["sc"] = scores
+            if feature in self.labels:
+                head["lb"] = self.labels[feature]
             if self.layout is not None and self.layout["mapped"][feature]:
                 head["m"] = [round(float(self.layout["x"][feature]), 4), round(float(self.layout["y"][feature]), 4),
                              int(self.layout["cluster"][feature])]
@@ -428,6 +432,17 @@ def _orderings(features: _Features, explanations: _Explanations) -> dict[str, np
             "max": ids[np.lexsort((ids, -features.max_activation[ids]))][:ORDERED_FEATURES],
             "rare": fired[np.lexsort((fired, features.density[fired]))][:ORDERED_FEATURES],
             "score": scored[np.lexsort((scored, -auc))][:ORDERED_FEATURES] if len(scored) else scored}
+
+
+def _read_labels(fs, folder: str) -> dict[int, list] | None:
+    """Each feature's [[label, count], ...] from ``labels.parquet`` (``analysis.label_field``), if any."""
+    path = storage.join(folder, "labels.parquet")
+    if not storage.exists(fs, path):
+        return None
+    table = storage.open_parquet(fs, path).read(use_threads=False)
+    return {feature: [[label, count] for label, count in zip(labels, counts, strict=True)]
+            for feature, labels, counts in zip(table["feature"].to_pylist(), table["labels"].to_pylist(),
+                                               table["counts"].to_pylist(), strict=True)}
 
 
 def _read_layout(fs, folder: str, count: int) -> dict | None:
@@ -620,7 +635,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
                    data_script(f"summaries/{first // FEATURES_PER_SUMMARY}", "json", packed_json(document)))
 
     # Pass 2: feature records, compressed on two threads (zlib lets go of the GIL).
-    builder = _ChunkBuilder(features, layout, vocabulary, explanations)
+    builder = _ChunkBuilder(features, layout, vocabulary, explanations, _read_labels(fs, folder))
     tokens = 0
     context_columns = ["feature", "kind", "rank", "band", "activation", "doc_id", "position", "token_ids", "values",
                        "center"]
@@ -666,6 +681,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
             "histogram_edges": [float(edge) for edge in summary.get("histogram_edges") or atlas.HISTOGRAM_EDGES],
             "has_logits": logits_path is not None, "has_neighbours": neighbours_path is not None,
             "has_map": has_map, "map": map_facts, "levels": 255, "explained": explanations.table.num_rows,
+            "label_field": (summary.get("config") or {}).get("label_field"),
             "scored": len(explanations.scores),
             "id_bytes": 2 if vocabulary.id_type == "<u2" else 4}
     writer.add("data/meta.js", data_script("meta", "json", packed_json(meta)))

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from synthetic_atlas import write_synthetic_atlas
 
+from lexica.analysis import atlas
 from lexica.analysis.config import ExplainConfig
 from lexica.analysis.explain import (
     Example,
@@ -171,6 +172,8 @@ def test_scores_and_concepts_show_in_the_browser(tmp_path, page):
         {"feature": 9, "explanation": "harbour cranes", "explainer": "m", "prompt_tokens": 9, "created_at": 2.0}])
     scores_store(atlas_folder).commit([score_row(3, HOSTILE, 0.7), score_row(7, "Ports and harbours", 0.9),
                                        score_row(9, "an explanation since replaced", 0.95)])
+    atlas.write_table(atlas_folder, "labels", pa.table({"feature": pa.array([7], pa.int32()),
+                                                        "labels": [["<b>de</b>", "en"]], "counts": [[5, 2]]}))
     build_site(atlas_folder)
     base = (tmp_path / "run" / "analysis" / NAME / "site").as_uri() + "/"
     page.open(f"{base}feature.html#7")
@@ -180,6 +183,7 @@ def test_scores_and_concepts_show_in_the_browser(tmp_path, page):
     assert cells[2].split("\t")[-1] == "0.48"  # the baseline: another feature's explanation
     assert "Scored by scorer-m on 10 held-out activating and 10 non-activating texts (5 from" in \
         page.page.text_content("div.scores")
+    assert page.page.text_content("p.labels") == "examples by label: <b>de</b> 5 · en 2"  # corpus labels as text
     page.open(f"{base}feature.html#9")
     page.page.wait_for_function("() => document.querySelector('h1')?.textContent === 'Feature 9'")
     assert page.page.locator("table.score-table").count() == 0  # its score was of another explanation

@@ -107,3 +107,28 @@ def test_an_empty_store_is_refused(trained_run, tmp_path):
 
     with pytest.raises(StoreError, match="no committed rows"):
         open_store(open_dictionary(str(run), name), str(empty), str(run))
+
+
+def test_examples_are_counted_by_a_corpus_label(trained_run, capsys):
+    """analysis.label_field: each feature's shown examples counted by their document's label."""
+    run, name, _, corpus = trained_run
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    corpus.write_text("".join(json.dumps({**row, "lang": "de" if index % 3 == 0 else "en"}) + "\n"
+                              for index, row in enumerate(rows)))  # the same texts, now labelled
+    common = ["analysis", "features", "--run", str(run), "--workers", "0", "--set", "top_examples=5", "--set",
+              "samples=8", "--set", "window_before=2", "--set", "window_after=1", "--set", "map=false",
+              "--set", "neighbours=0"]
+    assert main([*common, "--set", "label_field=lang"]) == 0, capsys.readouterr().err
+    folder = run / "analysis" / name
+    labels = pq.read_table(folder / "labels.parquet").to_pylist()
+    contexts = pq.read_table(folder / "contexts.parquet", columns=["feature", "doc_id"]).to_pylist()
+    expected: dict[int, dict[str, int]] = {}
+    for row in contexts:
+        lang = "de" if row["doc_id"] % 3 == 0 else "en"
+        expected.setdefault(row["feature"], {}).setdefault(lang, 0)
+        expected[row["feature"]][lang] += 1
+    assert {row["feature"]: dict(zip(row["labels"], row["counts"], strict=True)) for row in labels} == expected
+    assert all(row["counts"] == sorted(row["counts"], reverse=True) for row in labels)
+    assert main([*common, "--set", "label_field=nope"]) == 2
+    error = capsys.readouterr().err
+    assert "analysis.label_field = 'nope'" in error and "line 1 has no 'nope' field (fields: ['id', 'lang'," in error

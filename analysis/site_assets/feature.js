@@ -137,6 +137,11 @@
       stats.appendChild(pair);
     }
     page.appendChild(stats);
+    if (head.lb) {
+      // Where its shown examples come from, by the corpus's label field (e.g. their language).
+      page.appendChild(element("p", "labels", "examples by " + (meta.label_field || "label") + ": " +
+        head.lb.map(([label, count]) => label + " " + count).join(" · ")));
+    }
     const histogramBox = section("Activation histogram");
     histogramBox.appendChild(histogram(meta.histogram_edges, head.h[0], head.h[1]));
     page.appendChild(histogramBox);
