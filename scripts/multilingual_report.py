@@ -7,7 +7,7 @@ example per language (the token it fires on marked «like this») and the paragr
 more than one language (translations of the same text).
 
 Usage: python scripts/multilingual_report.py [--run runs/multilingual] [--dictionary NAME]
-       [--min-languages 3] [--show 12] [--out docs/multilingual-features.md]
+       [--min-languages 3] [--show 12] [--out FILE]
 """
 
 from __future__ import annotations
