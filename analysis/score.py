@@ -308,22 +308,24 @@ def score(config: ScoreConfig, scorer=None) -> dict:
         sets = scoring_sets(folder, group, store, dictionary.module, tokenizer, window, live_features, config)
         for first in range(0, len(group), config.features_per_part):
             batch = group[first:first + config.features_per_part]
-            items, prompts, owners = [sets[feature] for feature in batch], [], []
-            for item in items:
-                for kind, explanation in (("own", explanation_of[item.feature]),
-                                          ("baseline", explanation_of.get(baselines[item.feature]))):
-                    if explanation is not None:
-                        asked = questions(item, explanation)
-                        prompts += asked
-                        owners += [(item.feature, kind)] * len(asked)
+            prompts, spans = [], []  # each feature's own and baseline questions: slices of prompts
+            for item in (sets[feature] for feature in batch):
+                asked = questions(item, explanation_of[item.feature])
+                own = slice(len(prompts), len(prompts) + len(asked))
+                prompts += asked
+                other, baseline = explanation_of.get(baselines[item.feature]), None
+                if other is not None:
+                    asked = questions(item, other)
+                    baseline = slice(len(prompts), len(prompts) + len(asked))
+                    prompts += asked
+                spans.append((item, own, baseline))
             answers, prompt_tokens = scorer.yes_probability(prompts) if prompts else ([], [])
             rows = []
-            for item in items:
-                own_answers = [a for a, o in zip(answers, owners, strict=True) if o == (item.feature, "own")]
-                base_answers = [a for a, o in zip(answers, owners, strict=True) if o == (item.feature, "baseline")]
-                tokens = sum(t for t, o in zip(prompt_tokens, owners, strict=True) if o[0] == item.feature)
+            for item, own, baseline in spans:
+                tokens = sum(prompt_tokens[own]) + (sum(prompt_tokens[baseline]) if baseline else 0)
                 rows.append({"feature": item.feature, "explanation": explanation_of[item.feature],
-                             "scorer": scorer.name, **score_row(item, own_answers, base_answers or None),
+                             "scorer": scorer.name,
+                             **score_row(item, answers[own], answers[baseline] if baseline else None),
                              "baseline_feature": baselines[item.feature], "positives": len(item.positives),
                              "negatives": len(item.negatives), "hard_negatives": item.hard_negatives,
                              "prompt_tokens": tokens, "created_at": time.time()})

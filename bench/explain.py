@@ -46,11 +46,12 @@ def demo_gguf() -> Path:
 
 
 class LlamaServer:
-    """llama.cpp's server (tests/llama_server.py) serving the demo's GGUF on 127.0.0.1."""
+    """llama.cpp's server (tests/llama_server.py) serving a GGUF (the demo's by default) on 127.0.0.1."""
 
-    def __init__(self):
+    def __init__(self, gguf: Path | None = None):
         os.environ[KEY_ENV] = "bench-key"
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(demo_gguf()),
+        self.gguf = gguf or demo_gguf()
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(self.gguf),
                                          os.environ[KEY_ENV], "smollm2"], stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()
@@ -104,12 +105,12 @@ def throughput(run: Path, dictionary: str, count: int) -> None:
     print("| backend | copies | explanations/s | per copy | prompt tokens / feature | s |")
     print("|---|---:|---:|---:|---:|---:|")
 
-    def measure(label: str, copies: int, chat) -> None:
+    def measure(name: str, copies: int, chat) -> None:
         started = time.perf_counter()
         _, tokens = chat.complete(prompts)
         seconds = time.perf_counter() - started
         rate = len(prompts) / seconds
-        print(f"| {label} | {copies} | {rate:.3f} | {rate / copies:.3f} | {np.mean(tokens):.0f} | {seconds:.1f} |",
+        print(f"| {name} | {copies} | {rate:.3f} | {rate / copies:.3f} | {np.mean(tokens):.0f} | {seconds:.1f} |",
               flush=True)
 
     measure("transformers, this process", 1, LocalChat(str(DEMO_MODEL), "cpu", 40, batch_size=8))
@@ -137,15 +138,19 @@ def interval(differences: np.ndarray) -> str:
 
 
 def quality(run: Path, dictionary: str, count: int, explainers: list[str], scorer: str, positives: int,
-            negatives: int, keep_in_demo: bool) -> None:
+            negatives: int, keep_in_demo: bool, gguf: Path | None = None) -> None:
     from lexica.analysis.config import ExplainConfig, ScoreConfig
     from lexica.analysis.explain import explain
     from lexica.analysis.score import score
 
-    print(f"\n## Quality: {count} densest demo features, scored by {Path(scorer).name} ({positives} held-out "
+    server = LlamaServer(gguf) if "llama.cpp" in explainers or scorer == "llama.cpp" else None
+
+    def label(name: str) -> str:
+        return f"{server.gguf.name} (llama.cpp)" if name == "llama.cpp" else Path(name).name
+
+    print(f"\n## Quality: {count} densest demo features, scored by {label(scorer)} ({positives} held-out "
           f"activating and {negatives} non-activating texts per feature)\n")
     rows = []
-    server = LlamaServer() if "llama.cpp" in explainers or scorer == "llama.cpp" else None
     try:
         for explainer in explainers:
             target = server.url if explainer == "llama.cpp" else str(Path(explainer).resolve())
@@ -169,7 +174,7 @@ def quality(run: Path, dictionary: str, count: int, explainers: list[str], score
                         target_folder = run / "analysis" / dictionary / name
                         shutil.rmtree(target_folder, ignore_errors=True)
                         shutil.copytree(folder / name, target_folder)
-            rows.append((explainer, explained, explain_seconds, score_seconds, table, names))
+            rows.append((label(explainer), explained, explain_seconds, score_seconds, table, names))
     finally:
         if server:
             server.close()
@@ -178,17 +183,17 @@ def quality(run: Path, dictionary: str, count: int, explainers: list[str], score
     print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|")
     for explainer, _, explain_seconds, score_seconds, table, _ in rows:
         for test in ("detection", "fuzzing"):
-            print(f"| {Path(explainer).name} | {len(table)} | {test} | {table[f'{test}_accuracy'].mean():.3f} | "
+            print(f"| {explainer} | {len(table)} | {test} | {table[f'{test}_accuracy'].mean():.3f} | "
                   f"{table[f'baseline_{test}_accuracy'].mean():.3f} | {table[f'{test}_auc'].mean():.3f} | "
                   f"{table[f'baseline_{test}_auc'].mean():.3f} | "
                   f"{interval((table[f'{test}_auc'] - table[f'baseline_{test}_auc']).to_numpy())} | "
                   f"{explain_seconds:.0f} | {score_seconds:.0f} |")
     for explainer, explained, _, _, table, names in rows:
-        print(f"\n{Path(explainer).name}: {explained['explained']} explained; prompt tokens per feature "
+        print(f"\n{explainer}: {explained['explained']} explained; prompt tokens per feature "
               f"{names['prompt_tokens'].mean():.0f} (explaining), {table['prompt_tokens'].mean():.0f} (scoring, "
               "baseline included)")
     for explainer, *_, names in rows:
-        print(f"\nFirst explanations by {Path(explainer).name}:")
+        print(f"\nFirst explanations by {explainer}:")
         for row in names.sort_values("feature").head(8).itertuples():
             print(f"- {row.feature}: {row.explanation}")
 
@@ -203,6 +208,8 @@ def main() -> None:
     parser.add_argument("--scorer", default=str(DEMO_MODEL))
     parser.add_argument("--positives", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=10)
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="the GGUF llama.cpp serves for the explainer or scorer 'llama.cpp' (default: the demo's)")
     parser.add_argument("--keep-in-demo", action="store_true",
                         help="copy the (last explainer's) explanations and scores into the demo atlas")
     args = parser.parse_args()
@@ -212,7 +219,7 @@ def main() -> None:
         throughput(run, args.dictionary, args.throughput)
     if args.quality:
         quality(run, args.dictionary, args.quality, args.explainers.split(","), args.scorer, args.positives,
-                args.negatives, args.keep_in_demo)
+                args.negatives, args.keep_in_demo, args.gguf)
     print(f"\nload average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs; {time.perf_counter() - started:.0f} s in all")
 
