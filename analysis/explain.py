@@ -9,7 +9,9 @@ fires on are marked «like this».
 Explanations are stored with the atlas in ``<atlas>/explanations/``: each batch of features is one
 Parquet part (``feature``, ``explanation``, ``explainer``, ``prompt_tokens``, ``created_at``),
 written atomically, so a feature is explained exactly when the part holding it exists. A rerun
-reads the parts and skips every feature already explained.
+reads the parts and skips every feature this explainer (its name: a local model's path, an
+endpoint's model name) has explained; another explainer explains them again, and the newest
+explanation of a feature is the one the atlas shows and ``lexica score`` scores.
 """
 
 from __future__ import annotations
@@ -197,8 +199,12 @@ class ExplanationStore(AtlasParts):
     def latest(self, columns: list[str] | None = None) -> pa.Table:
         return super().latest(columns or ["feature", "explanation"])
 
-    def explained(self) -> set[int]:
-        return self.features()
+    def explained(self, by: str | None = None) -> set[int]:
+        """Features with an explanation (``by`` given: one by that explainer)."""
+        table = self.read()
+        if by is not None:
+            table = table.filter(pc.equal(table["explainer"], by))
+        return set(table.column("feature").to_pylist())
 
 
 def explain(config: ExplainConfig, explainer=None) -> dict:
@@ -217,9 +223,10 @@ def explain(config: ExplainConfig, explainer=None) -> dict:
         density[table["feature"].to_numpy()] = table["density"].to_numpy()
     chosen = parse_features(config.features, int(summary["d_sae"]), density)
     store = ExplanationStore(folder, config.storage_options)
-    done = store.explained()
-    todo = [feature for feature in chosen if feature not in done]
     explainer = explainer or open_backend(config.explainer, config, config.max_new_tokens)
+    # Another explainer explains again (its explanation, the newest, is then the one shown).
+    done = store.explained(by=explainer.name)
+    todo = [feature for feature in chosen if feature not in done]
     progress = Progress("explain", len(todo), "features")
     columns = ["feature", "kind", "rank", "activation", "tokens", "values"]
     written, without_examples, prompt_total = 0, 0, 0
@@ -269,6 +276,6 @@ def main(argv: list[str]) -> int:
     values = stage_section(args.config, "explain") if args.config else {}
     values = apply_overrides(ExplainConfig, values, args, EXPLAIN_FLAGS, args.set)
     result = explain(from_dict(ExplainConfig, values, "explain"))
-    print(f"explained {result['explained']} features ({result['already_explained']} already were, "
+    print(f"explained {result['explained']} features ({result['already_explained']} already were by this explainer, "
           f"{result['without_examples']} never fired) with {result['explainer']}: {result['atlas']}/{EXPLANATIONS}")
     return 0

@@ -118,7 +118,7 @@ class EndpointChat:
         self.api_key_env = api_key_env
         self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=retries, timeout=timeout_s)
         self.model = self._choose_model(model)
-        self.name = f"{self.model} @ {self.url}"
+        self.name = self.model  # not the URL: the same model behind a restarted server resumes its work
         self.logprobs = True  # turned off if the endpoint refuses them
 
     def _explained(self, error: Exception) -> AnalysisError:

@@ -26,7 +26,8 @@ def configure_logging() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not verbose():
         # Ray's loggers are quieted where Ray is started (lexica.cluster): it reconfigures them on import.
-        for noisy in ("urllib3", "filelock", "fsspec", "botocore", "s3fs", "asyncio"):
+        for noisy in ("urllib3", "filelock", "fsspec", "botocore", "s3fs", "asyncio", "httpx", "httpx2", "httpcore",
+                      "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -2,9 +2,14 @@
 
 Reads an atlas built with ``analysis.label_field: lang`` over a corpus whose rows carry ``lang`` and
 ``paragraph`` (``scripts/prepare_multilingual.py``: the same paragraph in several languages), and
-lists the features whose top examples come from at least ``--min-languages`` languages, with one
-example per language (the token it fires on marked «like this») and the paragraphs it fires on in
-more than one language (translations of the same text).
+reports two things:
+
+1. the features whose top examples come from at least ``--min-languages`` languages, with one
+   example per language (the token it fires on marked «like this»); many fire on strings that are
+   the same in every language (paths, URLs, numbers, names);
+2. the stricter test of one concept across languages: features whose examples (top and quantile)
+   include the *same paragraph* in at least ``--min-languages`` languages, firing there on
+   *different* words: the feature follows the translation of a word, not its spelling.
 
 Usage: python scripts/multilingual_report.py [--run runs/multilingual] [--dictionary NAME]
        [--min-languages 3] [--show 12] [--out FILE]
@@ -29,7 +34,9 @@ def window_text(row: dict, before: int = 10, after: int = 4) -> str:
     pieces = []
     for index in range(start, stop):
         token = (row["tokens"][index] or "").replace("\n", " ")
-        pieces.append(f"«{token.strip()}»" if index == centre else token)
+        if index == centre:  # the spaces around the token stay outside the mark
+            token = f"{token[:len(token) - len(token.lstrip())]}«{token.strip()}»{token[len(token.rstrip()):]}"
+        pieces.append(token)
     return "".join(pieces).strip()
 
 
@@ -42,6 +49,7 @@ def report(run: str, dictionary: str | None, min_languages: int, show: int) -> t
     paragraphs = document_labels(manifest["corpus"], "paragraph")
     contexts = atlas.read_table(folder, "contexts").select(["feature", "kind", "rank", "activation", "doc_id",
                                                            "tokens", "center"]).to_pylist()
+    translated = translated_concepts(contexts, languages, paragraphs, min_languages)
     explanations = {}
     if Path(folder, "explanations").exists():
         from lexica.analysis.explain import ExplanationStore
@@ -86,7 +94,44 @@ def report(run: str, dictionary: str | None, min_languages: int, show: int) -> t
             lines.append(f"- **{lang}** ({row['activation']:.1f}, paragraph {paragraphs.get(row['doc_id'])}): "
                          f"{window_text(row)}")
         lines.append("")
+    facts["translated"] = len(translated)
+    lines += [f"## One concept, different words: {len(translated):,} features", "",
+              f"Features that fire on the same paragraph in ≥ {min_languages} languages, on a different word in "
+              "each (the window around the token it fires on, per language):", ""]
+    for feature, paragraph, rows in translated[:show]:
+        explanation = f" — explained as “{explanations[feature]}”" if feature in explanations else ""
+        lines += [f"### Feature {feature}, paragraph {paragraph}{explanation}", ""]
+        lines += [f"- **{languages[row['doc_id']]}** ({row['activation']:.1f}): {window_text(row)}" for row in rows]
+        lines.append("")
     return lines, facts
+
+
+def centre_word(row: dict) -> str:
+    return (row["tokens"][row["center"]] or "").strip().lower()
+
+
+def translated_concepts(contexts: list[dict], languages: dict, paragraphs: dict,
+                        min_languages: int) -> list[tuple[int, str, list[dict]]]:
+    """(feature, paragraph, one example per language) for the features that fire on one paragraph in
+    ``min_languages`` or more languages on as many different words; most languages first."""
+    by_feature = collections.defaultdict(list)
+    for row in contexts:
+        by_feature[row["feature"]].append(row)
+    found = []
+    for feature, rows in by_feature.items():
+        by_paragraph = collections.defaultdict(dict)
+        for row in sorted(rows, key=lambda r: -r["activation"]):
+            by_paragraph[paragraphs.get(row["doc_id"])].setdefault(languages.get(row["doc_id"]), row)
+        best = None
+        for paragraph, per_language in by_paragraph.items():
+            words = {centre_word(row) for row in per_language.values()}
+            if len(per_language) >= min_languages and len(words) >= min_languages and (
+                    best is None or len(per_language) > len(best[1])):
+                best = (paragraph, per_language)
+        if best:
+            found.append((feature, best[0], [best[1][lang] for lang in sorted(best[1])]))
+    found.sort(key=lambda item: (-len(item[2]), item[0]))
+    return found
 
 
 def main() -> None:

@@ -99,6 +99,14 @@ def test_explanations_are_stored_and_a_rerun_skips_them(chat, tmp_path):
     assert (result["explained"], result["already_explained"]) == (6, 6) and len(again.prompts) == 6
     assert sorted(store.read()["feature"].to_pylist()) == list(range(12))
 
+    other = Recording(chat)
+    other.name = "another explainer"  # explains again; its explanations, the newest, are the ones shown
+    result = explain(ExplainConfig(run=run, features="0-1", explainer="unused", max_examples=3), other)
+    assert (result["explained"], result["already_explained"]) == (2, 0)
+    assert store.latest(["feature", "explainer"]).to_pylist()[:3] == [
+        {"feature": 0, "explainer": "another explainer"}, {"feature": 1, "explainer": "another explainer"},
+        {"feature": 2, "explainer": chat.name}]
+
 
 def test_a_crash_keeps_every_committed_batch(chat, tmp_path):
     run = make_run(tmp_path)
