@@ -211,8 +211,9 @@ class EndpointChat:
         choice = response.choices[0]
         content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
         if content:
-            share = yes_share([(item.token, item.logprob) for item in content[0].top_logprobs or []]
-                              + [(content[0].token, content[0].logprob)])
+            alternatives = {item.token: item.logprob for item in content[0].top_logprobs or []}
+            alternatives.setdefault(content[0].token, content[0].logprob)  # the chosen one, counted once
+            share = yes_share(list(alternatives.items()))
             if share is not None:
                 return share, tokens
         answer = (choice.message.content or "").strip().lower()
