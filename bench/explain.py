@@ -52,7 +52,7 @@ class LlamaServer:
         os.environ[KEY_ENV] = "bench-key"
         self.gguf = gguf or demo_gguf()
         self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "llama_server.py"), str(self.gguf),
-                                         os.environ[KEY_ENV], "smollm2"], stdout=subprocess.PIPE,
+                                         os.environ[KEY_ENV], self.gguf.stem], stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()
         if not line.startswith("LISTENING"):

@@ -1,6 +1,6 @@
 """Screenshot one page of a built feature-atlas site with headless Chromium (for demos and reviews).
 
-Usage: python scripts/screenshot_site.py SITE_DIR OUT.png [--page index|feature|map] [--feature N]
+Usage: python scripts/screenshot_site.py SITE_DIR OUT.png [--page index|feature|map|concepts] [--feature N]
 Chromium is found as LEXICA_CHROMIUM, else `chromium` / `chromium-browser` / `google-chrome` on PATH.
 """
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("site_dir", type=Path, help="the site folder (<run>/analysis/<dictionary>/site)")
     parser.add_argument("out", type=Path, help="PNG file to write")
-    parser.add_argument("--page", choices=("index", "feature", "map"), default="index")
+    parser.add_argument("--page", choices=("index", "feature", "map", "concepts"), default="index")
     parser.add_argument("--feature", type=int, default=None, help="feature id for --page feature (default: first)")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=900)
