@@ -35,6 +35,8 @@ from lexica import storage
 from lexica.analysis import atlas
 from lexica.analysis.config import AnalysisConfig, ScoreConfig
 from lexica.analysis.explain import (
+    MARK_CLOSE,
+    MARK_OPEN,
     AtlasParts,
     Example,
     ExplanationStore,
@@ -205,8 +207,6 @@ def scoring_set(feature: int, held_out: list[Example], hard: list[Example], rest
 
 
 def questions(item: ScoringSet, explanation: str) -> list[list[dict[str, str]]]:
-    from lexica.analysis.explain import MARK_CLOSE, MARK_OPEN
-
     def asked(template: str, text: str) -> list[dict[str, str]]:
         content = template.format(explanation=explanation, text=text, open=MARK_OPEN, close=MARK_CLOSE)
         return [{"role": "system", "content": SCORER_SYSTEM}, {"role": "user", "content": content}]

@@ -34,7 +34,7 @@ from lexica.analysis import atlas
 from lexica.analysis.config import SteerEvalConfig
 from lexica.analysis.explain import ExplanationStore, parse_features, read_feature_rows
 from lexica.analysis.sources import AnalysisError, check_width, open_run, open_store
-from lexica.analysis.steering import feature_values, generate, prompt_ids, resolve_values, steering_splices
+from lexica.analysis.steering import feature_values, generate, parse_value, prompt_ids, steering_splices
 from lexica.config import add_knob_flags, apply_overrides, from_dict, stage_section
 from lexica.hooks import count_blocks
 from lexica.models import load_causal_lm
@@ -146,7 +146,9 @@ def evaluate(config: SteerEvalConfig, judge=None) -> dict:
         decoder_norm = float(module.W_dec[feature].float().norm())
         maximum = float(maxima[feature])
         for strength in strengths:
-            target = resolve_values({feature: strength}, loaded.dictionary, config.run, config.storage_options)[feature]
+            # A multiple of the max read above (no second read of features.parquet per strength).
+            value = parse_value(strength)
+            target = float(value[:-1]) * maximum if isinstance(value, str) else value
             for prompt in config.prompts:
                 ids = prompt_ids(tokenizer, prompt, bos)
                 for method in METHODS:
