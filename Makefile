@@ -40,6 +40,8 @@ demo: assets
 	$(VENV)/bin/lexica harvest --config examples/demo.yaml
 	$(VENV)/bin/lexica train --config examples/demo.yaml
 	$(VENV)/bin/lexica analysis features --config examples/demo.yaml
+	$(VENV)/bin/lexica explain --config examples/demo.yaml
+	$(VENV)/bin/lexica score --config examples/demo.yaml
 
 test: assets browser
 	$(PY) -m pytest -q

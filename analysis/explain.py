@@ -17,6 +17,7 @@ explanation of a feature is the one the atlas shows and ``lexica score`` scores.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,6 +44,24 @@ SYSTEM_PROMPT = ("You explain the features of a language model. A feature is a d
 QUESTION = ("Below are text excerpts where one feature fires; the tokens it fires on are marked {open}like "
             "this{close}. What do the marked tokens have in common? Answer with one short phrase (at most 12 "
             "words) and nothing else.")
+
+# Lead-ins small explainers put before the answer ("The marked tokens have in common that they are
+# ..."): they carry no meaning, crowd the index and the concept names, and cost the scorer tokens.
+LEAD_INS = re.compile(
+    r"^(?:(?:the\s+)?(?:marked|highlighted|common)\s+(?:tokens|words|theme|thread|element|feature)s?"
+    r"(?:\s+(?:all|here|above|in\s+these\s+excerpts))?\s*(?:have\s+in\s+common|share|have|is|are|refers?\s+to)?"
+    r"(?:\s+(?:that|is|the\s+fact\s+that))?\s*[:,-]?\s*"
+    r"|(?:they|these|all\s+of\s+them|all)\s+(?:are\s+all|all\s+are|are|refer\s+to|relate\s+to)\s+"
+    r"|(?:answer|explanation)\s*:\s*)+", re.IGNORECASE)
+
+
+def tidy_explanation(text: str) -> str:
+    """The explanation without a lead-in, surrounding quotes or emphasis, or a final full stop
+    (the model's words otherwise; an answer that is all lead-in is kept as it came)."""
+    tidied = LEAD_INS.sub("", text.strip())
+    while tidied != (stripped := tidied.strip(" \"'*`").rstrip(".")):
+        tidied = stripped
+    return tidied or text.strip()
 
 
 def parse_features(spec: str, d_sae: int, density: np.ndarray | None = None) -> list[int]:
@@ -243,7 +262,7 @@ def explain(config: ExplainConfig, explainer=None) -> dict:
                 without_examples += 1  # never fired on the analysed tokens: nothing to explain from
         if asked:
             texts, prompt_tokens = explainer.complete(prompts)
-            store.commit([{"feature": feature, "explanation": text, "explainer": explainer.name,
+            store.commit([{"feature": feature, "explanation": tidy_explanation(text), "explainer": explainer.name,
                            "prompt_tokens": count, "created_at": time.time()}
                           for feature, text, count in zip(asked, texts, prompt_tokens, strict=True)])
             written += len(asked)

@@ -361,7 +361,8 @@ def main(argv: list[str]) -> int:
     values = stage_section(args.config, "score") if args.config else {}
     values = apply_overrides(ScoreConfig, values, args, SCORE_FLAGS, args.set)
     result = score(from_dict(ScoreConfig, values, "score"))
+    scorer = f" with {result['scorer']}" if "scorer" in result else ""
     print(f"scored {result['scored']} features ({result['already_scored']} already were, {result['unexplained']} "
-          f"have no explanation) with {result.get('scorer', '-')}: {result['atlas']}/{SCORES}")
+          f"have no explanation){scorer}: {result['atlas']}/{SCORES}")
     return 0
 

@@ -6,21 +6,24 @@ by llama.cpp's OpenAI-compatible server (the ``xllamacpp`` wheel, serving the de
 slots); prints explanations per second (in all, and per actor or slot) and prompt tokens per feature.
 
 Quality (``--quality N``, 200 features by default): for each explainer (``--explainers``: local model
-folders, or ``llama.cpp`` for the demo GGUF behind the server), ``lexica explain`` then ``lexica score``
-(scored by ``--scorer``) on a scratch copy of the atlas (the demo's own explanations are untouched
-unless ``--keep-in-demo``); prints mean detection and fuzzing accuracy and AUC of the explanations
-beside the baseline (the same scorer given another feature's explanation), and the mean difference
-with a 95% interval over features (paired).
+folders, ``llama.cpp`` for a GGUF (``--gguf``, the demo's by default) behind llama.cpp's server, or the
+URL of any OpenAI-compatible endpoint, its key in ``--api-key-env``), ``lexica explain`` then ``lexica
+score`` (scored by ``--scorer``, named the same ways) on a copy of the atlas (the demo's own explanations
+are untouched unless ``--keep-in-demo``; ``--scratch DIR`` keeps the copies, so an interrupted run
+resumes, and ``--report-only`` prints the table of what they hold); prints mean detection and fuzzing
+accuracy and AUC of the explanations beside the baseline (the same scorer given another feature's
+explanation), and the mean difference with a 95% interval over features (paired).
 
 Usage: python bench/explain.py [--run runs/demo] [--dictionary NAME] [--throughput 8] [--quality 200]
        [--explainers assets/models/smollm2-135m-instruct,llama.cpp] [--scorer PATH] [--positives 10]
-       [--negatives 10] [--keep-in-demo]
+       [--negatives 10] [--gguf GGUF] [--scratch DIR] [--report-only] [--api-key-env NAME] [--keep-in-demo]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,47 +140,23 @@ def interval(differences: np.ndarray) -> str:
     return f"{differences.mean():+.3f} ± {half:.3f}"
 
 
-def quality(run: Path, dictionary: str, count: int, explainers: list[str], scorer: str, positives: int,
-            negatives: int, keep_in_demo: bool, gguf: Path | None = None) -> None:
-    from lexica.analysis.config import ExplainConfig, ScoreConfig
-    from lexica.analysis.explain import explain
-    from lexica.analysis.score import score
+def is_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
 
-    server = LlamaServer(gguf) if "llama.cpp" in explainers or scorer == "llama.cpp" else None
 
-    def label(name: str) -> str:
-        return f"{server.gguf.name} (llama.cpp)" if name == "llama.cpp" else Path(name).name
+def label_of(name: str, gguf: Path | None) -> str:
+    if name == "llama.cpp":
+        return f"{gguf.name} (llama.cpp)"
+    return name if is_url(name) else Path(name).name
 
-    print(f"\n## Quality: {count} densest demo features, scored by {label(scorer)} ({positives} held-out "
-          f"activating and {negatives} non-activating texts per feature)\n")
-    rows = []
-    try:
-        for explainer in explainers:
-            target = server.url if explainer == "llama.cpp" else str(Path(explainer).resolve())
-            scorer_target = server.url if scorer == "llama.cpp" else str(Path(scorer).resolve())
-            with tempfile.TemporaryDirectory(prefix="lexica-explain-bench-") as scratch:
-                copy = scratch_run(run, dictionary, Path(scratch))
-                common = {"run": str(copy), "dictionary": dictionary, "device": "cpu", "api_key_env": KEY_ENV,
-                          "site": False, "concurrency": 2}
-                started = time.perf_counter()
-                explained = explain(ExplainConfig(features=f"top:{count}", explainer=target, **common))
-                explain_seconds = time.perf_counter() - started
-                started = time.perf_counter()
-                score(ScoreConfig(features=f"top:{count}", scorer=scorer_target, positives=positives,
-                                  negatives=negatives, hard_negatives=negatives // 2, batch_size=16, **common))
-                score_seconds = time.perf_counter() - started
-                folder = copy / "analysis" / dictionary
-                table = pq.read_table(folder / "scores").to_pandas()
-                names = pq.read_table(folder / "explanations").to_pandas()
-                if keep_in_demo:
-                    for name in ("explanations", "scores"):
-                        target_folder = run / "analysis" / dictionary / name
-                        shutil.rmtree(target_folder, ignore_errors=True)
-                        shutil.copytree(folder / name, target_folder)
-            rows.append((label(explainer), explained, explain_seconds, score_seconds, table, names))
-    finally:
-        if server:
-            server.close()
+
+def target_of(name: str, server: LlamaServer | None) -> str:
+    if name == "llama.cpp":
+        return server.url
+    return name if is_url(name) else str(Path(name).resolve())
+
+
+def print_quality(rows: list) -> None:
     print("| explainer | features | test | accuracy | baseline | AUC | baseline AUC | AUC − baseline (95%) | "
           "explain s | score s |")
     print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|")
@@ -189,13 +168,74 @@ def quality(run: Path, dictionary: str, count: int, explainers: list[str], score
                   f"{interval((table[f'{test}_auc'] - table[f'baseline_{test}_auc']).to_numpy())} | "
                   f"{explain_seconds:.0f} | {score_seconds:.0f} |")
     for explainer, explained, _, _, table, names in rows:
-        print(f"\n{explainer}: {explained['explained']} explained; prompt tokens per feature "
+        print(f"\n{explainer}: {explained} explained (stored); prompt tokens per feature "
               f"{names['prompt_tokens'].mean():.0f} (explaining), {table['prompt_tokens'].mean():.0f} (scoring, "
               "baseline included)")
     for explainer, *_, names in rows:
         print(f"\nFirst explanations by {explainer}:")
         for row in names.sort_values("feature").head(8).itertuples():
             print(f"- {row.feature}: {row.explanation}")
+    sys.stdout.flush()
+
+
+def read_results(folder: Path) -> tuple:
+    return pq.read_table(folder / "scores").to_pandas(), pq.read_table(folder / "explanations").to_pandas()
+
+
+def quality(run: Path, dictionary: str, count: int, explainers: list[str], scorer: str, positives: int,
+            negatives: int, keep_in_demo: bool, gguf: Path | None = None, scratch: Path | None = None,
+            api_key_env: str = KEY_ENV, report_only: bool = False) -> None:
+    """Each explainer explains and the scorer scores in a copy of the atlas: a temporary one, or
+    ``scratch/<explainer>/`` when given, where an interrupted benchmark resumes (both stages skip
+    what is stored) and ``report_only`` prints the table of what is stored so far."""
+    from lexica.analysis.config import ExplainConfig, ScoreConfig
+    from lexica.analysis.explain import explain
+    from lexica.analysis.score import score
+
+    served = "llama.cpp" in (*explainers, scorer)
+    gguf = (gguf or demo_gguf()) if served else None
+    server = LlamaServer(gguf) if served and not report_only else None
+    print(f"\n## Quality: {count} densest demo features, scored by {label_of(scorer, gguf)} ({positives} held-out "
+          f"activating and {negatives} non-activating texts per feature)\n", flush=True)
+    rows = []
+    try:
+        for explainer in explainers:
+            name = label_of(explainer, gguf)
+            with tempfile.TemporaryDirectory(prefix="lexica-explain-bench-") as temporary:
+                home = scratch / re.sub(r"[^\w.-]+", "_", name) if scratch else Path(temporary)
+                copy = home / "run"
+                if not copy.exists():
+                    scratch_run(run, dictionary, home)
+                folder = copy / "analysis" / dictionary
+                if report_only:
+                    if (folder / "scores").exists():
+                        table, names = read_results(folder)
+                        rows.append((name, len(names), 0, 0, table, names))
+                    continue
+                common = {"run": str(copy), "dictionary": dictionary, "device": "cpu", "api_key_env": api_key_env,
+                          "site": False, "concurrency": 2, "request_timeout_s": 900.0}
+                started = time.perf_counter()
+                explain(ExplainConfig(features=f"top:{count}", explainer=target_of(explainer, server),
+                                                  **common))
+                explain_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                score(ScoreConfig(features=f"top:{count}", scorer=target_of(scorer, server), positives=positives,
+                                  negatives=negatives, hard_negatives=negatives // 2, batch_size=16, **common))
+                score_seconds = time.perf_counter() - started
+                table, names = read_results(folder)
+                if keep_in_demo:
+                    for part in ("explanations", "scores"):
+                        target_folder = run / "analysis" / dictionary / part
+                        shutil.rmtree(target_folder, ignore_errors=True)
+                        shutil.copytree(folder / part, target_folder)
+            rows.append((name, len(names), explain_seconds, score_seconds, table, names))
+            print_quality(rows[-1:])  # each explainer's rows as soon as they exist
+    finally:
+        if server:
+            server.close()
+    if len(rows) > 1 or report_only:
+        print("\n### All explainers\n")
+        print_quality(rows)
 
 
 def main() -> None:
@@ -210,16 +250,22 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=10)
     parser.add_argument("--gguf", type=Path, default=None,
                         help="the GGUF llama.cpp serves for the explainer or scorer 'llama.cpp' (default: the demo's)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="keep each explainer's atlas copy here: a rerun resumes where it stopped")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the quality table of what --scratch holds, running nothing")
+    parser.add_argument("--api-key-env", default=KEY_ENV,
+                        help="the variable holding the key of an explainer or scorer given as a URL")
     parser.add_argument("--keep-in-demo", action="store_true",
                         help="copy the (last explainer's) explanations and scores into the demo atlas")
     args = parser.parse_args()
     run = Path(args.run)
     load_at_start, started = os.getloadavg()[0], time.perf_counter()
-    if args.throughput:
+    if args.throughput and not args.report_only:
         throughput(run, args.dictionary, args.throughput)
     if args.quality:
         quality(run, args.dictionary, args.quality, args.explainers.split(","), args.scorer, args.positives,
-                args.negatives, args.keep_in_demo, args.gguf)
+                args.negatives, args.keep_in_demo, args.gguf, args.scratch, args.api_key_env, args.report_only)
     print(f"\nload average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs; {time.perf_counter() - started:.0f} s in all")
 

@@ -20,6 +20,7 @@ from lexica.analysis.explain import (
     parse_features,
     prompt_messages,
     split_examples,
+    tidy_explanation,
 )
 from lexica.analysis.explainers import LocalChat
 from lexica.analysis.sources import AnalysisError
@@ -37,6 +38,16 @@ def test_feature_specs():
                          ("top:0", "positive count"), ("top:3", None)):
         with pytest.raises(AnalysisError, match=message or "features.parquet"):
             parse_features(bad, 10)
+
+
+def test_explanations_lose_lead_ins_quotes_and_full_stops_only():
+    assert tidy_explanation("The marked tokens have in common that they are all names of cities.") == "names of cities"
+    assert tidy_explanation("They are all verbs in the past tense") == "verbs in the past tense"
+    assert tidy_explanation('Answer: "numbers and dates".') == "numbers and dates"
+    assert tidy_explanation("The common theme is: government") == "government"
+    assert tidy_explanation("The highlighted words refer to money.") == "money"
+    for kept in ("Cities in Europe", "all caps words", "The marked tokens", "theory of the state"):
+        assert tidy_explanation(kept) == kept  # the answer itself, or all lead-in: unchanged
 
 
 def test_prompts_mark_the_firing_tokens_and_hold_out_odd_ranks():
