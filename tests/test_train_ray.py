@@ -57,14 +57,14 @@ def kill_once_written(command: list[str], pattern: str) -> None:
 
 
 def test_killed_training_job_resumes_to_the_same_weights(ray_cluster, store_url, tmp_path):
-    tokens = 80_000  # 156 steps: long enough to kill part-way
-    reference = fit(config_for(str(tmp_path / "reference"), store_url, workers=1, tokens=tokens, checkpoint_every=40))
+    tokens = 40_000  # 78 steps: killed at the first checkpoint (step 20), well before the end
+    reference = fit(config_for(str(tmp_path / "reference"), store_url, workers=1, tokens=tokens, checkpoint_every=20))
     run = str(tmp_path / "killed")
     command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
                "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--set", "buffer_rows=4096",
-               "--set", "log_every=5", "--set", "checkpoint_every=40", "--set", "workers=1", "--set", "eval_tokens=0"]
+               "--set", "log_every=5", "--set", "checkpoint_every=20", "--set", "workers=1", "--set", "eval_tokens=0"]
     kill_once_written(command, os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "state.pt"))
-    resumed = fit(config_for(run, store_url, workers=1, tokens=tokens, checkpoint_every=40))
+    resumed = fit(config_for(run, store_url, workers=1, tokens=tokens, checkpoint_every=20))
     for name, tensor in reference["dictionary"].state_dict().items():
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
     steps = [line for line in open(glob.glob(os.path.join(run, "dictionaries", "*", "metrics.jsonl"))[0])]

@@ -166,15 +166,15 @@ def test_a_two_shard_ray_job_trains_and_exports_what_one_worker_does(ray_cluster
 
 
 def test_killed_sharded_job_resumes_to_the_same_weights(ray_cluster, store_url, tmp_path):
-    tokens = 80_000  # 156 steps: long enough to kill part-way
-    reference = fit(sharded_config(str(tmp_path / "reference"), store_url, tokens=tokens, checkpoint_every=40))
+    tokens = 40_000  # 78 steps: killed at the first checkpoint (step 20), well before the end
+    reference = fit(sharded_config(str(tmp_path / "reference"), store_url, tokens=tokens, checkpoint_every=20))
     run = str(tmp_path / "killed")
     command = [sys.executable, "-m", "lexica", "train", "--store", store_url, "--run", run, "--width", "4x", "--k", "8",
                "--batch-size", "512", "--lr", "0.002", "--tokens", str(tokens), "--workers", "2", "--shards", "2",
                "--cpus-per-worker", "1", "--set", "buffer_rows=4096", "--set", "log_every=5",
-               "--set", "checkpoint_every=40", "--set", "eval_tokens=0"]
+               "--set", "checkpoint_every=20", "--set", "eval_tokens=0"]
     kill_once_written(command, os.path.join(run, "dictionaries", "*", "checkpoints", "checkpoint_*", "shard-1-of-2.pt"))
-    resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=40))
+    resumed = fit(sharded_config(run, store_url, tokens=tokens, checkpoint_every=20))
     for name, tensor in reference["dictionary"].state_dict().items():  # the exports
         torch.testing.assert_close(resumed["dictionary"].state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
