@@ -204,19 +204,18 @@ def quality(run: Path, dictionary: str, count: int, explainers: list[str], score
             with tempfile.TemporaryDirectory(prefix="lexica-explain-bench-") as temporary:
                 home = scratch / re.sub(r"[^\w.-]+", "_", name) if scratch else Path(temporary)
                 copy = home / "run"
-                if not copy.exists():
-                    scratch_run(run, dictionary, home)
                 folder = copy / "analysis" / dictionary
-                if report_only:
+                if report_only:  # reads what --scratch holds; copies nothing
                     if (folder / "scores").exists():
                         table, names = read_results(folder)
                         rows.append((name, len(names), 0, 0, table, names))
                     continue
+                if not copy.exists():
+                    scratch_run(run, dictionary, home)
                 common = {"run": str(copy), "dictionary": dictionary, "device": "cpu", "api_key_env": api_key_env,
                           "site": False, "concurrency": 2, "request_timeout_s": 900.0}
                 started = time.perf_counter()
-                explain(ExplainConfig(features=f"top:{count}", explainer=target_of(explainer, server),
-                                                  **common))
+                explain(ExplainConfig(features=f"top:{count}", explainer=target_of(explainer, server), **common))
                 explain_seconds = time.perf_counter() - started
                 started = time.perf_counter()
                 score(ScoreConfig(features=f"top:{count}", scorer=target_of(scorer, server), positives=positives,
@@ -259,6 +258,8 @@ def main() -> None:
     parser.add_argument("--keep-in-demo", action="store_true",
                         help="copy the (last explainer's) explanations and scores into the demo atlas")
     args = parser.parse_args()
+    if args.report_only and args.scratch is None:
+        parser.error("--report-only reads the copies of --scratch DIR: give it")
     run = Path(args.run)
     load_at_start, started = os.getloadavg()[0], time.perf_counter()
     if args.throughput and not args.report_only:
