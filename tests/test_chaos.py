@@ -1,4 +1,4 @@
-"""Chaos: one multi-hook harvest into S3 (moto on 127.0.0.1) survives 10 actor kills and 10 driver
+"""Chaos: one multi-hook harvest into S3 (moto on 127.0.0.1) survives 6 actor kills and 6 driver
 kills at random moments, each followed by a re-run; every (doc_id, position) of every hook is
 stored exactly once, every part matches its commit, and no orphan outlives the final run."""
 
@@ -24,7 +24,10 @@ from lexica.models import ModelConfig
 from lexica.store import ActivationStore
 
 HOOKS = "resid_post.0,mlp_in.1,mlp_out.1"
-ROUNDS = 10  # each kills one actor, then the driver
+ROUNDS = 6  # each kills one actor, then the driver
+# In these rounds the driver dies while its pool is still replacing the killed actor (0.5-3 s after
+# the kill); in the others once more shards are committed.
+EARLY_DRIVER_KILLS = {2, 5}
 
 
 def config_for(model: Path, corpus: Path, run: str, storage_options: dict, actors: int) -> HarvestConfig:
@@ -59,7 +62,7 @@ def test_random_kills_of_actors_and_drivers_leave_every_token_once(ray_cluster, 
 
     endpoint, options = s3_server
     rng = random.Random(20261206)
-    corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(160, seed=21))
+    corpus = write_jsonl(tmp_path / "docs.jsonl", sample_texts(96, seed=21))
     run = "s3://lexica-test/chaos"
     reference = run_harvest(config_for(tiny_models["llama"], corpus, str(tmp_path / "reference"), {}, actors=0))
     fs, _ = storage.url_to_fs(run, options)
@@ -88,7 +91,7 @@ def test_random_kills_of_actors_and_drivers_leave_every_token_once(ray_cluster, 
         return process.poll() is None
 
     actor_kills = driver_kills = 0
-    for _ in range(ROUNDS):
+    for round_index in range(ROUNDS):
         process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
         try:
@@ -98,8 +101,8 @@ def test_random_kills_of_actors_and_drivers_leave_every_token_once(ray_cluster, 
                 if victims:
                     os.kill(rng.choice(victims), signal.SIGKILL)
                     actor_kills += 1
-            # The driver, at a random moment after the pool recovered, or during its start-up.
-            if rng.random() < 0.2:
+            # The driver, at a random moment while the pool recovers or after it has.
+            if round_index in EARLY_DRIVER_KILLS:
                 time.sleep(rng.uniform(0.5, 3.0))
                 alive = process.poll() is None
             else:
