@@ -226,6 +226,16 @@ class ExplanationStore(AtlasParts):
         return set(table.column("feature").to_pylist())
 
 
+def refresh_site(folder_url: str, config) -> None:
+    """Rebuild the atlas's site (when ``config.site``) if it misses committed explanations or scores,
+    including those of an earlier run killed before its own rebuild."""
+    if config.site:
+        from lexica.analysis.site import build_site, site_is_stale
+
+        if site_is_stale(folder_url, config.storage_options):
+            build_site(folder_url, config.storage_options)
+
+
 def explain(config: ExplainConfig, explainer=None) -> dict:
     """Explain the chosen features not yet explained; ``explainer`` (an object with ``name`` and
     ``complete(list of message lists) -> (texts, prompt token counts)``) defaults to a local chat model."""
@@ -269,11 +279,7 @@ def explain(config: ExplainConfig, explainer=None) -> dict:
             prompt_total += sum(prompt_tokens)
         progress.update(start + len(batch), prompt_total, f"{written} explained")
     progress.update(len(todo), prompt_total, f"{written} explained", final=True)
-    fs, atlas_folder = storage.url_to_fs(folder, config.storage_options)
-    if config.site and written and storage.exists(fs, storage.join(atlas_folder, "site", "index.html")):
-        from lexica.analysis.site import build_site
-
-        build_site(folder, config.storage_options)
+    refresh_site(folder, config)
     return {"atlas": folder, "chosen": len(chosen), "already_explained": len(chosen) - len(todo),
             "explained": written, "without_examples": without_examples, "explainer": explainer.name}
 

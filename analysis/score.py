@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lexica import storage
 from lexica.analysis import atlas
 from lexica.analysis.config import AnalysisConfig, ScoreConfig
 from lexica.analysis.explain import (
@@ -43,6 +42,7 @@ from lexica.analysis.explain import (
     marked_text,
     parse_features,
     read_feature_rows,
+    refresh_site,
     split_examples,
 )
 from lexica.analysis.sources import model_config, open_dictionary, open_store
@@ -292,6 +292,7 @@ def score(config: ScoreConfig, scorer=None) -> dict:
     result = {"atlas": folder, "chosen": len(chosen), "unexplained": unexplained,
               "already_scored": len(chosen) - unexplained - len(todo), "scored": 0}
     if not todo:
+        refresh_site(folder, config)
         return result
     store = open_store(dictionary, config.store or summary.get("store"), config.run, config.storage_options)
     tokenizer = load_tokenizer(model_config(store, config.model or summary.get("model"), device="cpu"))
@@ -334,11 +335,7 @@ def score(config: ScoreConfig, scorer=None) -> dict:
             prompt_total += sum(prompt_tokens)
             progress.update(start + first + len(batch), prompt_total, f"{result['scored']} scored")
     progress.update(len(todo), prompt_total, f"{result['scored']} scored", final=True)
-    fs, atlas_folder = storage.url_to_fs(folder, config.storage_options)
-    if config.site and storage.exists(fs, storage.join(atlas_folder, "site", "index.html")):
-        from lexica.analysis.site import build_site
-
-        build_site(folder, config.storage_options)
+    refresh_site(folder, config)
     return result
 
 

@@ -32,6 +32,7 @@ block of contexts plus a few numbers and words per feature, whatever the width.
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import shutil
@@ -68,6 +69,7 @@ from lexica.analysis.site_search import (
 from lexica.progress import Progress
 
 SITE_FOLDER = "site"
+BUILT_FROM = "built-from.json"  # the explanation and score parts a site shows (see site_is_stale)
 ASSET_FILES = ("site.css", "common.js", "index.js", "feature.js", "map.js", "concepts.js")
 FEATURES_PER_CHUNK = 1024
 FEATURES_PER_SUMMARY = 2048
@@ -201,17 +203,43 @@ EXPLANATION_WEIGHT = 3  # a word of the feature's explanation, in the search ind
 SUMMARY_EXPLANATION = 48  # characters of an explanation shown in lists (the page shows all of it)
 
 
+def _annotation_stores(fs, folder: str):
+    from lexica.analysis.explain import ExplanationStore
+    from lexica.analysis.score import scores_store
+
+    return ExplanationStore(folder, fs=fs), scores_store(folder, fs=fs)
+
+
+def _part_names(explanations, scores) -> dict[str, list[str]]:
+    return {"explanations": [path.rsplit("/", 1)[-1] for path in explanations.parts()],
+            "scores": [path.rsplit("/", 1)[-1] for path in scores.parts()]}
+
+
+def site_is_stale(analysis_folder_url: str, storage_options: dict | None = None) -> bool:
+    """Whether the atlas has a site that lacks explanations or scores committed since it was built
+    (``lexica explain``/``score`` rebuild it then: a run killed before its rebuild leaves one)."""
+    fs, folder = storage.url_to_fs(analysis_folder_url, storage_options)
+    site = storage.join(folder, SITE_FOLDER)
+    if not storage.exists(fs, storage.join(site, "index.html")):
+        return False
+    try:
+        built_from = json.loads(fs.cat_file(storage.join(site, BUILT_FROM)))
+    except (FileNotFoundError, ValueError):
+        return True
+    return built_from != _part_names(*_annotation_stores(fs, folder))
+
+
 class _Explanations:
     """The atlas's explanations (``lexica explain``), newest per feature, and the scores of those
     explanations (``lexica score``), sliced a block at a time."""
 
     def __init__(self, fs, folder: str):
-        from lexica.analysis.explain import ExplanationStore
-        from lexica.analysis.score import scores_store
-
-        self.table = ExplanationStore(folder, fs=fs).latest()
+        explanations, scores = _annotation_stores(fs, folder)
+        # Listed before reading: a part committed in between makes the site look stale, never current.
+        self.parts = _part_names(explanations, scores)
+        self.table = explanations.latest()
         self.features = self.table["feature"].to_numpy().astype(np.int64)
-        scores = scores_store(folder, fs=fs).latest()
+        scores = scores.latest()
         current = dict(zip(self.table["feature"].to_pylist(), self.table["explanation"].to_pylist(), strict=True))
         # A score counts only for the explanation it scored (a feature explained again is unscored).
         self.scores = {row["feature"]: row for row in scores.to_pylist()
@@ -685,6 +713,7 @@ def _write_site(fs, folder: str, summary: dict, writer: _Writer) -> dict:
             "scored": len(explanations.scores),
             "id_bytes": 2 if vocabulary.id_type == "<u2" else 4}
     writer.add("data/meta.js", data_script("meta", "json", packed_json(meta)))
+    writer.add(BUILT_FROM, json.dumps(explanations.parts))
     return meta
 
 

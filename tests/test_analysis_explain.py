@@ -119,16 +119,33 @@ def test_explanations_are_stored_and_a_rerun_skips_them(chat, tmp_path):
         {"feature": 2, "explainer": chat.name}]
 
 
-def test_a_crash_keeps_every_committed_batch(chat, tmp_path):
+def site_meta(atlas_folder: str) -> dict:
+    from lexica.analysis.site_data import read_data_file
+
+    return read_data_file(open(f"{atlas_folder}/site/data/meta.js").read())[1]
+
+
+def test_a_crash_keeps_every_committed_batch_and_the_site_catches_up(chat, tmp_path):
+    from lexica.analysis.site import build_site, site_is_stale
+
     run = make_run(tmp_path)
+    atlas_folder = f"{run}/analysis/{NAME}"
+    build_site(atlas_folder)
+    assert not site_is_stale(atlas_folder)
     failing = Recording(chat, fail_on_call=2)
     with pytest.raises(RuntimeError, match="went away"):
         explain(ExplainConfig(run=run, features="all", explainer="unused", features_per_part=5), failing)
-    store = ExplanationStore(f"{run}/analysis/{NAME}")
+    store = ExplanationStore(atlas_folder)
     assert sorted(store.explained()) == list(range(5))  # the first batch was committed, the second never was
+    assert site_is_stale(atlas_folder) and site_meta(atlas_folder)["explained"] == 0  # killed before its rebuild
+    # Nothing left to explain among 0-4, yet the site is rebuilt with what the killed run committed.
+    result = explain(ExplainConfig(run=run, features="0-4", explainer="unused"), Recording(chat))
+    assert (result["explained"], result["already_explained"]) == (0, 5)
+    assert not site_is_stale(atlas_folder) and site_meta(atlas_folder)["explained"] == 5
     result = explain(ExplainConfig(run=run, features="all", explainer="unused", features_per_part=5), Recording(chat))
     assert (result["explained"], result["already_explained"]) == (7, 5)
     assert sorted(store.read()["feature"].to_pylist()) == list(range(12))  # each feature exactly once
+    assert site_meta(atlas_folder)["explained"] == 12
 
 
 def test_the_command_explains_with_a_local_model(tiny_models, tmp_path, capsys):

@@ -5,6 +5,8 @@ and baseline are stored, and reruns and crashes resume."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +20,8 @@ from lexica.analysis.explain import ExplanationStore, explain
 from lexica.analysis.explainers import LocalChat
 from lexica.analysis.features import build_atlas
 from lexica.analysis.score import metrics, score, scores_store, scoring_sets
+from lexica.analysis.site import build_site, site_is_stale
+from lexica.analysis.site_data import read_data_file
 from lexica.analysis.sources import open_dictionary, open_store
 from lexica.cli import main as lexica_main
 from lexica.models import ModelConfig, load_tokenizer
@@ -108,15 +112,27 @@ class Failing:
         return self.chat.yes_probability(prompts)
 
 
+def site_meta(atlas_folder: str) -> dict:
+    with open(f"{atlas_folder}/site/data/meta.js") as meta:
+        return read_data_file(meta.read())[1]
+
+
 def test_scores_and_baseline_are_stored_and_reruns_resume(explained_run, capsys):
     run, name, chat = explained_run
     folder = f"{run}/analysis/{name}"
     explained = sorted(ExplanationStore(folder).explained())
     config = ScoreConfig(run=str(run), scorer="unused", positives=3, negatives=3, hard_negatives=2,
                          features_per_part=2, site=False)
+    build_site(folder)
     with pytest.raises(RuntimeError, match="went away"):
         score(config, Failing(chat, fail_on_call=2))
     assert len(scores_store(folder).features()) == 2  # the first part was committed, the second never was
+    assert site_is_stale(folder) and site_meta(folder)["scored"] == 0
+    # Those two again: nothing to score, but the site (built before the killed run) catches up with it.
+    scored = ",".join(str(feature) for feature in sorted(scores_store(folder).features()))
+    result = score(dataclasses.replace(config, features=scored, site=True), chat)
+    assert result["scored"] == 0 and result["already_scored"] == 2
+    assert not site_is_stale(folder) and site_meta(folder)["scored"] == 2
     result = score(config, chat)
     assert result["scored"] == len(explained) - 2 and result["already_scored"] == 2
     table = pq.read_table(f"{folder}/scores").to_pylist()
