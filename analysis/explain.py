@@ -41,9 +41,15 @@ EXPLANATIONS_SCHEMA = pa.schema([("feature", pa.int32()), ("explanation", pa.str
 MARK_OPEN, MARK_CLOSE = "«", "»"
 SYSTEM_PROMPT = ("You explain the features of a language model. A feature is a direction in the model's "
                  "activations that fires on some tokens of a text.")
+# Asked plainly ("what do the marked tokens have in common?"), small explainers answered "nouns" or
+# "the same grammatical structure" for features that fire on every comma or every "be": the
+# question now asks for specific answers, and the marked tokens are counted for the explainer. (It
+# gives no example answers: a 1.5B explainer gave the example back for unrelated features.)
 QUESTION = ("Below are text excerpts where one feature fires; the tokens it fires on are marked {open}like "
-            "this{close}. What do the marked tokens have in common? Answer with one short phrase (at most 12 "
-            "words) and nothing else.")
+            "this{close}. What does the feature fire on? Be specific: name the tokens, words or topic it fires "
+            "on, not a vague category such as 'nouns' or 'the same grammatical structure'.")
+ANSWER_FORMAT = "Answer with one short, specific phrase (at most 12 words) and nothing else."
+COUNTED_TOKENS = 8  # the most frequent marked tokens listed after the examples
 
 # Lead-ins small explainers put before the answer ("The marked tokens have in common that they are
 # ..."): they carry no meaning, crowd the index and the concept names, and cost the scorer tokens.
@@ -52,6 +58,7 @@ LEAD_INS = re.compile(
     r"(?:\s+(?:all|here|above|in\s+these\s+excerpts))?\s*(?:have\s+in\s+common|share|have|is|are|refers?\s+to)?"
     r"(?:\s+(?:that|is|the\s+fact\s+that))?\s*[:,-]?\s*"
     r"|(?:they|these|all\s+of\s+them|all)\s+(?:are\s+all|all\s+are|are|refer\s+to|relate\s+to)\s+"
+    r"|(?:the\s+feature|it)\s+(?:fires|activates)\s+on\s+"
     r"|(?:answer|explanation)\s*:\s*)+", re.IGNORECASE)
 
 
@@ -59,7 +66,12 @@ def tidy_explanation(text: str) -> str:
     """The explanation without a lead-in, surrounding quotes or emphasis, or a final full stop
     (the model's words otherwise; an answer that is all lead-in is kept as it came)."""
     tidied = LEAD_INS.sub("", text.strip())
-    while tidied != (stripped := tidied.strip(" \"'*`").rstrip(".")):
+    while True:
+        stripped = tidied.strip().rstrip(".").strip()
+        if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "\"'*`":
+            stripped = stripped[1:-1]  # quotes or emphasis around the whole answer, never one inside it
+        if stripped == tidied:
+            break
         tidied = stripped
     return tidied or text.strip()
 
@@ -139,9 +151,25 @@ def split_examples(rows: pa.Table, max_examples: int) -> tuple[list[Example], li
     return shown, held_out
 
 
+def marked_token_counts(examples: list[Example], limit: int = COUNTED_TOKENS) -> list[tuple[str, int]]:
+    """The tokens the feature fires on in ``examples`` (without surrounding spaces), most frequent
+    first (ties: first seen first), with their counts."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        for token, value in zip(example.tokens, example.values, strict=True):
+            if value > 0:
+                text = (token or "").strip() or repr(token or "")
+                counts[text] = counts.get(text, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[1])[:limit]
+
+
 def prompt_messages(examples: list[Example]) -> list[dict[str, str]]:
     lines = [QUESTION.format(open=MARK_OPEN, close=MARK_CLOSE), ""]
     lines += [f"Example {number}: {marked_text(example)}" for number, example in enumerate(examples, 1)]
+    if counted := marked_token_counts(examples):
+        listed = ", ".join(f"{MARK_OPEN}{token}{MARK_CLOSE} {count}x" for token, count in counted)
+        lines += ["", f"Marked tokens, most frequent first: {listed}"]
+    lines += ["", ANSWER_FORMAT]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 

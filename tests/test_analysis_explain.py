@@ -17,6 +17,7 @@ from lexica.analysis.explain import (
     ExplanationStore,
     explain,
     marked_text,
+    marked_token_counts,
     parse_features,
     prompt_messages,
     split_examples,
@@ -46,6 +47,8 @@ def test_explanations_lose_lead_ins_quotes_and_full_stops_only():
     assert tidy_explanation('Answer: "numbers and dates".') == "numbers and dates"
     assert tidy_explanation("The common theme is: government") == "government"
     assert tidy_explanation("The highlighted words refer to money.") == "money"
+    assert tidy_explanation('The feature fires on the verb "be".') == 'the verb "be"'
+    assert tidy_explanation("**'commas'**") == "commas"
     for kept in ("Cities in Europe", "all caps words", "The marked tokens", "theory of the state"):
         assert tidy_explanation(kept) == kept  # the answer itself, or all lead-in: unchanged
 
@@ -61,6 +64,12 @@ def test_prompts_mark_the_firing_tokens_and_hold_out_odd_ranks():
     assert len(shown) + len(held_out) == 10
     user = prompt_messages(shown)[1]["content"]
     assert len(re.findall(r"^Example \d+:", user, re.MULTILINE)) == 4
+    # The explainer also gets the marked tokens of the shown examples counted, most frequent first.
+    shown = [Example([" The", " fox", " ran", ".", " A", " fox"], [0, 1.0, 0, 2.0, 0, 3.0], 3.0),
+             Example([" foxes", " and", " The", " fox"], [1.0, 0, 0.5, 1.0], 1.0)]
+    assert marked_token_counts(shown) == [("fox", 3), (".", 1), ("foxes", 1), ("The", 1)]
+    assert "Marked tokens, most frequent first: «fox» 3x, «.» 1x, «foxes» 1x, «The» 1x" in \
+        prompt_messages(shown)[1]["content"]
 
 
 class Recording:
