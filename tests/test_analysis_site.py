@@ -8,6 +8,7 @@ LEXICA_REQUIRE_BROWSER=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from synthetic_atlas import PAYLOADS, write_synthetic_atlas
 
 from lexica import storage
 from lexica.analysis import browse
-from lexica.analysis.site import build_site
+from lexica.analysis.site import BUILT_FROM, build_site
 from lexica.analysis.site_data import data_script, parse_record, read_data_file
 from lexica.cli import main as lexica_main
 
@@ -185,6 +186,7 @@ def test_hostile_strings_render_as_text(atlas_site, page, served, origin):
 
 
 BASE64 = '"[A-Za-z0-9+/=]*"'
+PART_NAME = re.compile(r"part-\d{8}-[0-9a-f]{8}\.parquet")
 DATA_FILE = re.compile(rf'lexicaData\("[a-z0-9/-]+","(json|bin|bin\[\])",(\[({BASE64},?)*\]|{BASE64})\);\n')
 
 
@@ -196,7 +198,9 @@ def test_built_files_hold_no_corpus_text(atlas_site):
         text = path.read_text()
         for payload in PAYLOADS[:3]:  # every payload with markup in it
             assert payload not in text, f"{path} holds {payload!r}"
-        if path.suffix == ".html":  # only the site's own tags
+        if path.name == BUILT_FROM:  # the explanation and score parts shown: generated names only
+            assert all(PART_NAME.fullmatch(name) for names in json.loads(text).values() for name in names)
+        elif path.suffix == ".html":  # only the site's own tags
             assert len(re.findall("<script", text)) == len(re.findall(r'<script src="(assets|data)/[a-z]+\.js">'
                                                                      r"</script>", text))
             assert "<img" not in text and "<svg" not in text
