@@ -73,7 +73,8 @@ def test_the_atlas_tables_of_a_million_feature_dictionary(tiny_models, tmp_path)
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(sample_texts(10, seed=4)[:3]) + "\n")  # texts the atlas saw: they fire
     watched = subprocess.run([sys.executable, "-m", "lexica", "monitor", "--run", str(run), "--watch",
-                              ",".join(map(str, [*by_fires[:8], last])), "--texts", str(texts), "--json", "--set", "threshold=0.000001"],
+                              ",".join(map(str, [*by_fires[:8], last])), "--texts", str(texts), "--json",
+                              "--set", "threshold=0.000001"],
                              capture_output=True, text=True, timeout=600)
     assert watched.returncode == 0, watched.stderr[-2000:]
     reports = [json.loads(line) for line in watched.stdout.splitlines() if line.startswith("{")]
